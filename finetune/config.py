@@ -1,0 +1,128 @@
+"""The resolved, typed configuration of one fine-tuning run (parsed at the edge by ``finetune.cli``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("adamw", "sgd")
+BALANCE_MODES = ("auto", "weights", "sampler", "none")
+AUGMENT_MODES = ("none", "light", "strong")
+MIX_MODES = ("none", "mixup", "cutmix", "both")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run. ``freeze_epochs >= epochs`` is a linear probe (only the head trains)."""
+
+    data: Path
+    backbone: str = "resnet50"
+    weights: str = "DEFAULT"
+    name: str = ""
+    version: int | None = None
+    output_dir: Path = Path("runs")
+    run_name: str = ""
+    model_store: Path = Path("model_store")
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    head_dropout: float = 0.2
+    freeze_epochs: int = 0
+    val_split: float = 0.15
+    test_split: float = 0.15
+    min_images_per_class: int = 3
+    seed: int = 0
+    balance: str = "auto"
+    augment: str = "light"
+    mix: str = "none"
+    mix_alpha: float = 0.2
+    img_size: int | None = None
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    clip_grad: float = 1.0
+    early_stop_metric: str = "accuracy"
+    patience: int = 5
+    workers: int = 2
+    device: str = "auto"
+    export_formats: tuple[str, ...] = EXPORT_FORMATS
+    opset: int = 18
+    parity_atol: float = 1e-3
+    topk: int = 5
+    tensorboard: bool = True
+    resume: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("balance", self.balance, BALANCE_MODES)
+        _check_choice("augment", self.augment, AUGMENT_MODES)
+        _check_choice("mix", self.mix, MIX_MODES)
+        _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("early_stop_metric", self.early_stop_metric, EARLY_STOP_METRICS)
+        for fmt in self.export_formats:
+            _check_choice("export_formats", fmt, EXPORT_FORMATS)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+        if not (0.0 <= self.val_split < 1.0 and 0.0 <= self.test_split < 1.0 and self.val_split + self.test_split < 1):
+            raise ValueError("val_split and test_split must be in [0, 1) and sum to less than 1")
+        if self.lr <= 0 or self.backbone_lr_scale < 0:
+            raise ValueError("lr must be > 0 and backbone_lr_scale >= 0")
+
+    @property
+    def linear_probe(self) -> bool:
+        return self.freeze_epochs >= self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe values (paths as strings, tuples as lists)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        values = dict(data)
+        for key in ("data", "output_dir", "model_store", "resume"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        if "export_formats" in values:
+            values["export_formats"] = tuple(values["export_formats"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,461 @@
+"""A fine-tuning run from image folder to published package.
+
+    result = run_training(TrainConfig(data=Path("imgs"), backbone="resnet18"))
+    print(result.package_dir)   # model_store/imgs/1
+
+Run folder (``runs/<run>/``): config.yaml, run_info.json, splits/, checkpoints/{last,best}.pt,
+tensorboard/, train.log, history.json, metrics.json, test_* evaluation files, report.md, export/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune import backbones, data, metrics, transforms
+from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
+from finetune.config import TrainConfig
+from finetune.export import export_and_check
+from finetune.loop import EpochStats, Runtime, StepContext, cross_entropy, predict, train_one_epoch
+from finetune.optim import build_optimizer, build_scheduler
+from finetune.publish import PackageSpec, publish_package
+from finetune.tblog import TensorBoardLog
+from service.manifest import Preprocess
+
+logger = logging.getLogger(__name__)
+RUN_INFO = "run_info.json"
+PUBLISHED = "published.txt"
+PARITY_IMAGES = 16
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    package_dir: Path | None
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        acc = self.test_metrics.get("accuracy")
+        f1 = self.test_metrics.get("macro", {}).get("f1")
+        lines = [f"run folder: {self.run_dir}"]
+        if acc is not None:
+            lines.append(
+                f"test accuracy: {acc:.4f}  macro F1: {f1:.4f}  ({self.test_metrics.get('num_samples')} images)"
+            )
+        lines.append(f"published: {self.package_dir}")
+        return "\n".join(lines)
+
+
+def default_name(config: TrainConfig) -> str:
+    """The model name: --name, or the data folder's name made safe for the store."""
+    if config.name:
+        return config.name
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.data.resolve().name).strip("-.")
+    return cleaned or "model"
+
+
+def resolve_runtime(config: TrainConfig) -> Runtime:
+    """Device, AMP dtype and memory format: AMP and channels_last only on CUDA unless asked for."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    amp = config.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return Runtime(device, dtype, channels_last=config.channels_last and device.type == "cuda", scaler=scaler)
+
+
+def run_training(config: TrainConfig) -> RunResult:
+    """Train, evaluate, export and publish; resumes when ``config.resume`` names a run folder."""
+    return Trainer(config).run()
+
+
+class Trainer:
+    """Holds one run's pieces; each method is one stage."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        name = default_name(config)
+        run_name = config.run_name or f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        self.config = config.replace(name=name, run_name=run_name)
+        self.run_dir = config.resume if config.resume is not None else config.output_dir / run_name
+        self.runtime = resolve_runtime(self.config)
+        self._log_handler: logging.Handler | None = None
+
+    def run(self) -> RunResult:
+        self._open_run_dir()
+        try:
+            return self._run()
+        finally:
+            if self._log_handler is not None:
+                logging.getLogger().removeHandler(self._log_handler)
+                self._log_handler.close()
+
+    def _run(self) -> RunResult:
+        published = self.run_dir / PUBLISHED
+        if published.is_file():
+            package = Path(published.read_text(encoding="utf-8").strip())
+            logger.info("this run is already finished and published at %s", package)
+            stored = json.loads((self.run_dir / "metrics.json").read_text(encoding="utf-8"))
+            return RunResult(self.run_dir, package, stored.get("test", {}))
+        self._setup()
+        self._fit()
+        test_metrics = self._evaluate_test()
+        package = self._export_and_publish(test_metrics)
+        return RunResult(self.run_dir, package, test_metrics)
+
+    def _open_run_dir(self) -> None:
+        resuming = self.config.resume is not None
+        if resuming and not (self.run_dir / "config.yaml").is_file():
+            raise ValueError(f"--resume {self.run_dir}: not a run folder (no config.yaml)")
+        if not resuming and self.run_dir.exists():
+            raise ValueError(f"run folder {self.run_dir} already exists; pick another --run-name or --resume it")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        self._log_handler = handler
+        if not resuming:
+            self.config.save(self.run_dir / "config.yaml")
+        logger.info("run folder %s (%s)", self.run_dir, "resuming" if resuming else "new")
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        self.splits = self._load_or_make_splits()
+        self.labels = self.splits.classes
+        self.backbone = self._make_backbone()
+        self.model = self.backbone.model.to(self.runtime.device)
+        if self.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model: nn.Module = self._maybe_compile(self.model)
+        self.criterion = self._make_criterion()
+        self.steps_per_epoch = len(self._train_loader(0))
+        self.optimizer = build_optimizer(self.backbone, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
+        self.state = self._restore()
+        self.tb = TensorBoardLog(self.run_dir / "tensorboard", enabled=cfg.tensorboard, purge_step=self.state.epoch + 1)
+
+    def _maybe_compile(self, model: nn.Module) -> nn.Module:
+        if not self.config.compile:
+            return model
+        compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]
+        return compiled
+
+    def _load_or_make_splits(self) -> data.DataSplits:
+        cfg = self.config
+        if (self.run_dir / "splits").is_dir():
+            return data.load_splits(self.run_dir)
+        splits = data.prepare_data(
+            cfg.data,
+            val_split=cfg.val_split,
+            test_split=cfg.test_split,
+            seed=cfg.seed,
+            min_images_per_class=cfg.min_images_per_class,
+        )
+        data.save_splits(splits, self.run_dir)
+        return splits
+
+    def _make_backbone(self) -> backbones.Backbone:
+        """Pretrained weights on a new run; on resume the checkpoint supplies them (no download)."""
+        cfg = self.config
+        info_path = self.run_dir / RUN_INFO
+        weights = "none" if info_path.is_file() else cfg.weights
+        torch.manual_seed(cfg.seed)
+        backbone = backbones.create_backbone(
+            cfg.backbone,
+            num_classes=len(self.labels),
+            weights=weights,
+            head_dropout=cfg.head_dropout,
+            img_size=cfg.img_size,
+        )
+        if info_path.is_file():
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            backbone.weights = info["weights"]
+            backbone.preprocess = Preprocess.from_dict(info["preprocess"])
+        else:
+            info = {"weights": backbone.weights, "preprocess": backbone.preprocess.__dict__, "labels": self.labels}
+            info_path.write_text(json.dumps(info, indent=2, default=list), encoding="utf-8")
+        logger.info(
+            "backbone %s, weights %s, eval preprocessing %s", backbone.name, backbone.weights, backbone.preprocess
+        )
+        return backbone
+
+    def _make_criterion(self) -> nn.Module:
+        cfg = self.config
+        counts = data.class_counts(self.splits.train, len(self.labels))
+        self.balance = data.resolve_balance(cfg.balance, counts)
+        weight = data.class_weights(counts).to(self.runtime.device) if self.balance == "weights" else None
+        if self.balance != "none":
+            logger.info("class balance: %s (train counts %s)", self.balance, counts)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+    def _restore(self) -> TrainState:
+        last = self.run_dir / "checkpoints" / LAST
+        if not last.is_file():
+            return TrainState()
+        state, tensors = load_checkpoint(last)
+        self.model.load_state_dict(tensors["model"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        if self.runtime.scaler is not None and "scaler" in tensors:
+            self.runtime.scaler.load_state_dict(tensors["scaler"])
+        logger.info("resumed after epoch %d (best %s at epoch %d)", state.epoch, state.best_metric, state.best_epoch)
+        return state
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _loader(self, samples: tuple[data.Sample, ...], transform: Any, *, epoch: int, train: bool) -> DataLoader[Any]:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        sampler = None
+        if train and self.balance == "sampler":
+            sampler = data.make_sampler(samples, len(self.labels), seed=cfg.seed * 1000 + epoch)
+        return DataLoader(
+            data.ImageDataset(samples, transform),
+            batch_size=cfg.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=generator,
+            num_workers=cfg.workers,
+            drop_last=train and len(samples) > cfg.batch_size,
+            pin_memory=self.runtime.device.type == "cuda",
+        )
+
+    def _train_loader(self, epoch: int) -> DataLoader[Any]:
+        preset = transforms.train_transform(self.backbone.preprocess, augment=self.config.augment)
+        return self._loader(self.splits.train, preset, epoch=epoch, train=True)
+
+    def _eval_loader(self, samples: tuple[data.Sample, ...]) -> DataLoader[Any]:
+        return self._loader(samples, transforms.eval_transform(self.backbone.preprocess), epoch=0, train=False)
+
+    # ---- training ----------------------------------------------------------------------------
+    def _set_phase(self, epoch: int) -> bool:
+        """Freeze the backbone (and its norm statistics) during the head-only epochs."""
+        frozen = epoch < self.config.freeze_epochs
+        backbones.set_backbone_trainable(self.backbone, not frozen)
+        self.model.train()
+        if frozen:
+            self.model.eval()
+            for name, module in self.model.named_modules():
+                if backbones.is_head_parameter(name + ".", self.backbone.head_prefixes):
+                    module.train()
+        if epoch == self.config.freeze_epochs and epoch > 0:
+            logger.info("epoch %d: backbone unfrozen (lr x %s)", epoch + 1, self.config.backbone_lr_scale)
+            self.state.bad_epochs = 0
+        return frozen
+
+    def _fit(self) -> None:
+        cfg = self.config
+        if self.state.finished:
+            return
+        mixer = transforms.batch_mixer(cfg.mix, num_classes=len(self.labels), alpha=cfg.mix_alpha)
+        ctx = StepContext(
+            self.train_model, self.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer
+        )
+        val_loader = self._eval_loader(self.splits.val)
+        if self.state.epoch == 0:
+            self._log_inputs(val_loader)
+        for epoch in range(self.state.epoch, cfg.epochs):
+            self._set_phase(epoch)
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            desc = f"epoch {epoch + 1}/{cfg.epochs}"
+            stats = train_one_epoch(ctx, self._train_loader(epoch), total=self.steps_per_epoch, desc=desc)
+            val = self._validate(val_loader)
+            if self._end_epoch(epoch, stats, val):
+                break
+        self.state.finished = True
+        self._save(LAST)
+
+    def _log_inputs(self, val_loader: DataLoader[Any]) -> None:
+        images, _ = next(iter(self._train_loader(0)))
+        self.tb.images("train/augmented_inputs", images, self.backbone.preprocess, 0)
+        example, _ = next(iter(val_loader))
+        self.tb.graph(self.model, self.runtime.to_device(example[:1]))
+
+    def _validate(self, loader: DataLoader[Any]) -> dict[str, Any]:
+        logits, targets = predict(self.train_model, loader, self.runtime, total=len(loader), desc="validate")
+        result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
+        result["loss"] = cross_entropy(logits, targets)
+        return result
+
+    def _score(self, val: dict[str, Any]) -> float:
+        metric = self.config.early_stop_metric
+        if metric == "loss":
+            return -float(val["loss"])
+        return float(val["macro"]["f1"] if metric == "macro_f1" else val["accuracy"])
+
+    def _end_epoch(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> bool:
+        """Record, checkpoint, log; returns True when early stopping ends the run."""
+        state, score = self.state, self._score(val)
+        improved = state.best_metric is None or score > state.best_metric
+        row = self._history_row(epoch, stats, val)
+        state.history.append(row)
+        state.epoch, state.global_step = epoch + 1, state.global_step + self.steps_per_epoch
+        if improved:
+            state.best_metric, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+            self._save(BEST)
+        else:
+            state.bad_epochs += 1
+        self._save(LAST)
+        self._log_epoch(epoch, row, val)
+        stop = epoch + 1 >= self.config.freeze_epochs and state.bad_epochs >= self.config.patience
+        if stop:
+            logger.info(
+                "early stopping: no %s improvement for %d epochs", self.config.early_stop_metric, state.bad_epochs
+            )
+        return stop
+
+    def _history_row(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> dict[str, float]:
+        return {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "val_loss": float(val["loss"]),
+            "val_accuracy": float(val["accuracy"]),
+            "val_macro_f1": float(val["macro"]["f1"]),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "images_per_second": stats.images_per_second,
+            "data_wait_fraction": stats.data_wait_fraction,
+        }
+
+    def _log_epoch(self, epoch: int, row: dict[str, float], val: dict[str, Any]) -> None:
+        step = epoch + 1
+        self.tb.scalars(
+            {
+                "loss/train": row["train_loss"], "loss/val": row["val_loss"],
+                "accuracy/train": row["train_accuracy"], "accuracy/val": row["val_accuracy"],
+                "f1/val_macro": row["val_macro_f1"], "lr": row["lr"],
+                "speed/images_per_second": row["images_per_second"],
+                "speed/data_wait_fraction": row["data_wait_fraction"],
+            },
+            step,
+        )  # fmt: skip
+        self.tb.histograms(self.model, step)
+        self.tb.figure("val/confusion_matrix", metrics.confusion_figure(val["confusion_matrix"], self.labels), step)
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f F1 %.4f  lr %.2e  %.1f img/s  "
+            "data wait %.0f%%",
+            step, self.config.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
+            row["val_macro_f1"], row["lr"], row["images_per_second"], 100 * row["data_wait_fraction"],
+        )  # fmt: skip
+
+    def _save(self, which: str) -> None:
+        tensors: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.runtime.scaler is not None:
+            tensors["scaler"] = self.runtime.scaler.state_dict()
+        save_checkpoint(self.run_dir / "checkpoints" / which, state=self.state, tensors=tensors)
+
+    # ---- evaluation, export, publish -----------------------------------------------------------
+    def _evaluate_test(self) -> dict[str, Any]:
+        best = self.run_dir / "checkpoints" / BEST
+        _, tensors = load_checkpoint(best)
+        self.model.load_state_dict(tensors["model"])
+        loader = self._eval_loader(self.splits.test)
+        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="test")
+        result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
+        result["loss"] = cross_entropy(logits, targets)
+        metrics.write_evaluation(result, self.run_dir, split="test")
+        self._write_predictions(logits)
+        self.tb.figure("test/confusion_matrix", metrics.confusion_figure(result["confusion_matrix"], self.labels), 0)
+        logger.info(
+            "test accuracy %.4f, macro F1 %.4f on %d images", result["accuracy"], result["macro"]["f1"], len(targets)
+        )
+        return result
+
+    def _write_predictions(self, logits: np.ndarray) -> None:
+        """Per-image test predictions, so a server's answers can be compared image by image."""
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        lines = ["path\ttrue\tpredicted\tprobability"]
+        for sample, row in zip(self.splits.test, probs, strict=True):
+            top = int(row.argmax())
+            lines.append(f"{sample.path}\t{self.labels[sample.label]}\t{self.labels[top]}\t{row[top]:.6f}")
+        (self.run_dir / "test_predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _parity_images(self) -> torch.Tensor:
+        preset = transforms.eval_transform(self.backbone.preprocess)
+        samples = self.splits.val[:PARITY_IMAGES]
+        return torch.stack([data.ImageDataset(samples, preset)[i][0] for i in range(len(samples))])
+
+    def _export_and_publish(self, test_metrics: dict[str, Any]) -> Path:
+        cfg = self.config
+        export_dir = self.run_dir / "export"
+        export_dir.mkdir(exist_ok=True)
+        eager = copy.deepcopy(self.model).cpu().to(memory_format=torch.contiguous_format).float().eval()
+        reports = export_and_check(
+            eager, self._parity_images(), export_dir, formats=cfg.export_formats, opset=cfg.opset, atol=cfg.parity_atol
+        )
+        parity = {fmt: report.to_dict() for fmt, report in reports.items()}
+        checks = [report.describe() for report in reports.values()]
+        for line in checks:
+            logger.info("export check %s", line)
+        self._write_metrics(test_metrics, parity, checks)
+        spec = PackageSpec(
+            name=cfg.name,
+            backbone=self.backbone.name,
+            labels=tuple(self.labels),
+            preprocess=self.backbone.preprocess,
+            metrics=self._summary_metrics(test_metrics, parity),
+            extra={
+                "run": str(self.run_dir.resolve()),
+                "weights": self.backbone.weights,
+                "onnx_opset": parity.get("onnx", {}).get("opset"),
+            },
+        )
+        package = publish_package(
+            spec, export_dir=export_dir, store=cfg.model_store, formats=cfg.export_formats, version=cfg.version
+        )
+        (self.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
+        self.tb.close()
+        return package
+
+    def _summary_metrics(self, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+        keys = ("accuracy", f"top{self.config.topk}_accuracy", "loss", "num_samples")
+        return {
+            "test": {k: test[k] for k in keys if k in test}
+            | {"macro_f1": test["macro"]["f1"], "weighted_f1": test["weighted"]["f1"]},
+            "best_val": self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {},
+            "export_parity": parity,
+        }
+
+    def _write_metrics(self, test: dict[str, Any], parity: dict[str, Any], checks: list[str]) -> None:
+        best_val = self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {}
+        payload = {
+            "test": test,
+            "best_epoch": self.state.best_epoch,
+            "best_val": best_val,
+            "history": self.state.history,
+            "export_parity": parity,
+            "skipped_images": [[str(p), reason] for p, reason in self.splits.skipped],
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        (self.run_dir / "history.json").write_text(json.dumps(self.state.history, indent=2), encoding="utf-8")
+        report = [metrics.format_report(test, title=f"{self.config.name}: test set ({self.backbone.name})")]
+        report.append(f"\nBest validation epoch: {self.state.best_epoch} of {self.state.epoch}.\n")
+        report.append("## Export checks\n")
+        report += [f"- {line}" for line in checks]
+        if self.splits.skipped:
+            report.append("\n## Skipped images\n")
+            report += [f"- `{path}`: {reason}" for path, reason in self.splits.skipped]
+        (self.run_dir / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")

@@ -1,0 +1,157 @@
+"""One training epoch and one evaluation pass; nothing here knows about run folders."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors run: device, autocast dtype (None = fp32), channels_last, grad scaler."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = None
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    data_wait_seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def progress(iterable: Iterable[Any], *, total: int, desc: str) -> Iterable[Any]:
+    """A tqdm bar on a terminal; the bare iterable otherwise (the caller logs a line per epoch)."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    bar: Iterable[Any] = tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    return bar
+
+
+def _timed(loader: Iterable[Any]) -> Iterator[tuple[float, Any]]:
+    """Yield (seconds spent waiting for the batch, batch)."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, batch
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
+    clip_grad: float = 0.0
+    mixer: Mixer | None = None
+
+
+def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """One optimisation step; returns (loss, number of correct top-1 predictions vs hard targets)."""
+    images, targets = ctx.runtime.to_device(images), targets.to(ctx.runtime.device, non_blocking=True)
+    soft = None
+    if ctx.mixer is not None:
+        images, soft = ctx.mixer(images, targets)
+    with ctx.runtime.autocast():
+        logits = ctx.model(images)
+        loss = ctx.criterion(logits, soft if soft is not None else targets)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    scaler = ctx.runtime.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(ctx.optimizer)
+    else:
+        loss.backward()
+    if ctx.clip_grad > 0:
+        params = [p for p in ctx.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad)
+    if scaler is not None:
+        scaler.step(ctx.optimizer)
+        scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    correct = int((logits.detach().argmax(dim=1) == targets).sum().item())
+    return float(loss.detach().item()), correct
+
+
+def train_one_epoch(ctx: StepContext, loader: Iterable[Any], *, total: int, desc: str) -> EpochStats:
+    """Train over ``loader`` once; the caller has already set train/eval modes of the modules."""
+    loss_sum, correct, seen, waited = 0.0, 0, 0, 0.0
+    start = time.perf_counter()
+    for wait, (images, targets) in progress(_timed(loader), total=total, desc=desc):
+        waited += wait
+        loss, hits = train_step(ctx, images, targets)
+        batch = int(targets.shape[0])
+        loss_sum, correct, seen = loss_sum + loss * batch, correct + hits, seen + batch
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        raise RuntimeError("the training loader yielded no batches")
+    return EpochStats(loss_sum / seen, correct / seen, seen, seconds, waited)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Iterable[Any], runtime: Runtime, *, total: int, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode logits (float32, N x C) and targets (N) over a loader."""
+    model.eval()
+    all_logits: list[np.ndarray] = []
+    all_targets: list[np.ndarray] = []
+    for images, targets in progress(loader, total=total, desc=desc):
+        with runtime.autocast():
+            logits = model(runtime.to_device(images))
+        all_logits.append(logits.float().cpu().numpy())
+        all_targets.append(targets.numpy())
+    if not all_logits:
+        raise RuntimeError("the evaluation loader yielded no batches")
+    return np.concatenate(all_logits), np.concatenate(all_targets)
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Plain mean cross-entropy (no smoothing, no class weights): the honest validation loss."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(targets)), targets].mean())

@@ -1,0 +1,119 @@
+"""Image decoding and eval preprocessing, built from a manifest's :class:`Preprocess`.
+
+One function for everyone: fine-tune evaluation, the server and the TorchServe handler all
+call :func:`preprocess_image` so the same image gives the same tensor everywhere.
+NumPy and Pillow only, so an ONNX-only server never imports torch.
+
+    array = preprocess_bytes(jpeg_bytes, manifest.preprocess)   # float32 (3, H, W)
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.manifest import Preprocess
+
+DEFAULT_MAX_PIXELS = 40_000_000  # about 6300x6300: larger is treated as a decompression bomb
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image.
+
+    Raises InvalidInput naming ``source`` for empty, truncated or non-image data and
+    PayloadTooLarge for images over ``max_pixels`` (checked before pixels are decoded).
+    """
+    if not data:
+        raise InvalidInput(f"{source}: empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            _check_size(image, max_pixels, source)
+            image.load()
+    except (PayloadTooLarge, InvalidInput):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{source}: image too large to decode ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(f"{source}: not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInput(f"{source}: corrupt or truncated image ({exc})") from exc
+    return to_rgb(image)
+
+
+def _check_size(image: Image.Image, max_pixels: int, source: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidInput(f"{source}: image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"{source}: {width}x{height} pixels is over the limit of {max_pixels}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode to RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_and_crop(image: Image.Image, spec: Preprocess) -> Image.Image:
+    """Resize the shorter side to ``spec.resize`` (aspect kept), then center-crop ``spec.crop``.
+
+    Matches torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images.
+    """
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = spec.resize, int(spec.resize * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != image.size:
+        image = image.resize(size, _RESAMPLING[spec.interpolation])
+    width, height = image.size
+    left = round((width - spec.crop) / 2.0)
+    top = round((height - spec.crop) / 2.0)
+    return image.crop((left, top, left + spec.crop, top + spec.crop))
+
+
+def normalize(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """RGB uint8 HWC image -> float32 CHW array, scaled to [0,1] and normalized."""
+    array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    array = (array - mean) / std
+    if spec.channel_order == "BGR":
+        array = array[..., ::-1]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def preprocess_image(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """PIL image (any mode) -> float32 (3, crop, crop) array ready for the model."""
+    return normalize(resize_and_crop(to_rgb(image), spec), spec)
+
+
+def preprocess_bytes(
+    data: bytes, spec: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image"
+) -> np.ndarray:
+    """Encoded image bytes -> float32 (3, crop, crop) array."""
+    return preprocess_image(decode_image(data, max_pixels=max_pixels, source=source), spec)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.manifest import Preprocess
+from service.preprocess import decode_image, preprocess_bytes, preprocess_image, to_rgb
+
+SPEC = Preprocess(resize=64, crop=56, interpolation="bilinear")
+
+
+def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("width", "height"), [(100, 80), (80, 100), (64, 64), (300, 57)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_matches_torchvision_eval_transform(width: int, height: int, interpolation: str) -> None:
+    spec = Preprocess(resize=64, crop=56, interpolation=interpolation, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    image = _random_image(width, height)
+    mode = T.InterpolationMode(interpolation)
+    reference = T.Compose(
+        [T.Resize(64, interpolation=mode), T.CenterCrop(56), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    )(image)
+    ours = torch.from_numpy(preprocess_image(image, spec))
+    assert ours.shape == (3, 56, 56)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "CMYK", "P", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    image = _random_image(20, 10).convert(mode) if mode != "I;16" else Image.new("I;16", (20, 10), 40000)
+    assert to_rgb(image).mode == "RGB"
+    assert preprocess_image(image, SPEC).shape == (3, 56, 56)
+
+
+def test_alpha_is_composited_on_white() -> None:
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent)).min() == 255
+
+
+def test_decode_round_trip_jpeg_png_webp() -> None:
+    image = _random_image(40, 30)
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        assert decode_image(_encode(image, fmt)).size == (40, 30)
+    assert preprocess_bytes(_encode(image), SPEC).dtype == np.float32
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        decode_image(b"", source="cat.jpg")
+    with pytest.raises(InvalidInput, match=r"cat\.jpg: not a recognised image"):
+        decode_image(b"hello, I am text", source="cat.jpg")
+    truncated = _encode(_random_image(64, 64), "JPEG")[:300]
+    with pytest.raises(InvalidInput, match="corrupt or truncated"):
+        decode_image(truncated)
+
+
+def test_pixel_cap_refuses_before_decoding() -> None:
+    big = _encode(Image.new("L", (3000, 3000)), "PNG")
+    with pytest.raises(PayloadTooLarge, match="over the limit"):
+        decode_image(big, max_pixels=1_000_000)
