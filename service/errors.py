@@ -81,5 +81,12 @@ class ShuttingDown(ServiceError):
     grpc_code = "UNAVAILABLE"
 
 
+class InternalError(ServiceError):
+    """Something failed on the server's side; the client sees a generic message, the log has the details."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+
 class PackageError(Exception):
     """A model package on disk is invalid: missing manifest, bad checksum, unknown format."""

@@ -1,0 +1,104 @@
+"""``serve``: serve every package in a model store over KServe v2 (HTTP + gRPC) and TorchServe's API.
+
+serve --model-store ./model_store
+serve --config serve.yaml --http-port 8080     # file < SERVE_* environment < flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.settings import BACKENDS, Settings, from_sources
+
+logger = logging.getLogger("service")
+
+HELP = {
+    "model_store": "folder of <name>/<version>/ packages (default model_store)",
+    "host": "address to bind; loopback by default, 0.0.0.0 to listen on every interface",
+    "http_port": "HTTP port: KServe v2, TorchServe /predictions, /metrics (default 8000)",
+    "grpc_port": "gRPC port: inference.GRPCInferenceService and TorchServe's InferenceAPIsService (default 8001)",
+    "metrics_port": "serve /metrics on its own port instead of the HTTP port (default 0: HTTP port)",
+    "backend": f"model backend for every model: {', '.join(BACKENDS)} (auto: ONNX Runtime if the package has it)",
+    "model_backends": "per-model backend, e.g. flowers=torchscript,pets=onnxruntime",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
+    "max_batch_size": "largest batch the dynamic batcher forms, in images (default 8)",
+    "max_queue_delay_ms": "how long a batch may wait for more requests; 0 batches what is already queued",
+    "max_queue_size": "queued requests per model version before new ones are refused with 429 (default 64)",
+    "model_instances": "batches computed concurrently per model version (default 1)",
+    "decode_workers": "threads decoding and preprocessing images beside the model (default 4)",
+    "intra_op_threads": "threads inside one model run; 0 leaves the backend's default",
+    "max_payload_bytes": "largest request body or gRPC message, equal on every protocol (default 16 MiB)",
+    "max_image_pixels": "largest decoded image, against decompression bombs (default 40 Mpx)",
+    "request_timeout_s": "default deadline for requests that carry none; 0 for none",
+    "enable_management": "enable the model repository API (load/unload/index); needs --management-token",
+    "management_token": "bearer token for the management API (prefer SERVE_MANAGEMENT_TOKEN)",
+    "inference_token": "if set, inference requests need this bearer token too (prefer SERVE_INFERENCE_TOKEN)",
+    "tls_cert": "PEM certificate: serve HTTPS and gRPC over TLS (with --tls-key)",
+    "tls_key": "PEM private key for --tls-cert",
+    "drain_timeout_s": "on SIGTERM, how long to let accepted requests finish (default 30)",
+    "default_top_k": "labels in TorchServe-style answers (default 5)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serve",
+        description="Serve image classifiers from a model store over the Open Inference Protocol v2 (HTTP and "
+        "gRPC) and TorchServe's inference API, with dynamic batching and Prometheus metrics. Every setting may "
+        "also come from a YAML --config file or an environment variable SERVE_<SETTING>.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings (names as below, dashes or _)")
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+        else:
+            parser.add_argument(flag, default=None, metavar=field.name.upper(), help=HELP[field.name])
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
+    return from_sources(flags=flags, config_file=args.config)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = resolve_settings(args)
+    except (ValueError, OSError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logger.info("settings %s", settings.public_dict())
+    from service.protos import ensure_generated
+
+    ensure_generated()  # the gRPC modules are generated from proto/ at first start if the build did not
+    from service.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    raise SystemExit(main(get_args_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    run()

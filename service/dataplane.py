@@ -1,0 +1,280 @@
+"""The protocol-neutral data plane: health, metadata and inference, shared by every adapter.
+
+It imports neither the web framework nor grpc. Images are decoded and preprocessed in a thread
+pool, beside the model's compute, then queued to the model version's dynamic batcher.
+
+    plane = DataPlane(repository, settings)
+    response = await plane.infer(InferRequest(model="demo", inputs=[InferInput("image", "BYTES", [1], [jpeg])]))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from service import metrics
+from service.errors import DeadlineExceeded, Forbidden, InvalidInput, ShuttingDown, Unauthorized
+from service.manifest import Manifest, Preprocess
+from service.preprocess import preprocess_bytes
+from service.repository import READY, ModelEntry, ModelRepository
+from service.settings import Settings
+from service.types import (
+    InferInput,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelStatus,
+    RequestedOutput,
+    ServerMetadata,
+    TensorMetadata,
+)
+
+SERVER_NAME = "imgclf"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "schedule_policy"]
+IMAGE_INPUT = "image"
+OUTPUT_NAMES = ("logits", "probabilities")
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return result
+
+
+def classification_strings(values: np.ndarray, labels: Sequence[str], k: int) -> list[bytes]:
+    """Triton's classification extension: the top-k of each row as b"value:index:label", row-major."""
+    k = min(k, values.shape[1])
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return [f"{values[r, i]:f}:{i}:{labels[i]}".encode() for r in range(values.shape[0]) for i in order[r]]
+
+
+class DataPlane:
+    """Health, metadata and inference over a :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+        self._draining = False
+
+    # ---- health and metadata -------------------------------------------------------------------
+    async def live(self) -> bool:
+        return True
+
+    async def ready(self) -> bool:
+        """Ready when not draining and at least one model version is ready to serve."""
+        return not self._draining and self.repository.any_ready()
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, SERVER_VERSION, list(EXTENSIONS))
+
+    async def model_ready(self, name: str, version: str | None = None) -> bool:
+        entries = self.repository.versions(name)
+        return any(e.state == READY and (version is None or e.version == version) for e in entries)
+
+    async def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        entries = self.repository.versions(name)
+        chosen = self._pick_for_metadata(name, entries, version)
+        manifest = chosen.manifest
+        platform = PLATFORMS.get(chosen.backend.name, "") if chosen.backend is not None else ""
+        return ModelMetadata(
+            name=name,
+            versions=[e.version for e in entries] if version is None else [chosen.version],
+            platform=platform,
+            inputs=_input_metadata(manifest),
+            outputs=_output_metadata(manifest),
+            ready=chosen.state == READY,
+            reason=chosen.reason,
+            labels=list(manifest.labels) if manifest is not None else [],
+        )
+
+    def _pick_for_metadata(self, name: str, entries: list[ModelEntry], version: str | None) -> ModelEntry:
+        if version is not None:
+            for entry in entries:
+                if entry.version == version:
+                    return entry
+            from service.errors import ModelNotFound
+
+            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        ready = [e for e in entries if e.state == READY]
+        return (ready or entries)[-1]
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request; raises a ServiceError subclass naming what was wrong with it."""
+        start = time.perf_counter()
+        version = request.version or ""
+        try:
+            self._check_accepting()
+            entry = self.repository.get(request.model, request.version)
+            version = entry.version
+            assert entry.manifest is not None and entry.batcher is not None
+            batch = await self._to_batch(entry, request)
+            _check_deadline(request.deadline)
+            logits = await entry.batcher.submit(batch, deadline=request.deadline)
+            outputs = _make_outputs(logits, entry.manifest, request.outputs)
+        except BaseException as exc:
+            metrics.REQUESTS.labels(request.model, version, request.protocol, metrics.outcome_for(exc)).inc()
+            raise
+        metrics.REQUESTS.labels(request.model, version, request.protocol, "success").inc()
+        metrics.REQUEST_SECONDS.labels(request.model, version, request.protocol).observe(time.perf_counter() - start)
+        return InferResponse(model=request.model, version=version, outputs=outputs, id=request.id)
+
+    def _check_accepting(self) -> None:
+        if self._draining:
+            raise ShuttingDown("the server is shutting down and accepts no new requests")
+
+    async def _to_batch(self, entry: ModelEntry, request: InferRequest) -> np.ndarray:
+        assert entry.manifest is not None
+        if len(request.inputs) != 1:
+            raise InvalidInput(
+                f"expected exactly one input ('{IMAGE_INPUT}' BYTES or '{entry.manifest.inputs[0].name}' FP32), "
+                f"got {len(request.inputs)}"
+            )
+        tensor = request.inputs[0]
+        if tensor.datatype == "BYTES":
+            return await self._decode_images(entry, tensor)
+        if tensor.datatype == "FP32":
+            return _check_fp32(tensor, entry.manifest)
+        raise InvalidInput(f"input '{tensor.name}': datatype {tensor.datatype} not supported; send BYTES or FP32")
+
+    async def _decode_images(self, entry: ModelEntry, tensor: InferInput) -> np.ndarray:
+        assert entry.manifest is not None and isinstance(tensor.data, list)
+        images = tensor.data
+        if not images:
+            raise InvalidInput(f"input '{tensor.name}': no images")
+        if len(images) > self.settings.max_batch_size * 16:
+            raise InvalidInput(f"input '{tensor.name}': {len(images)} images is more than one request may carry")
+        loop = asyncio.get_running_loop()
+        spec, cap = entry.manifest.preprocess, self.settings.max_image_pixels
+        start = time.perf_counter()
+        decode = functools.partial(_decode_one, spec=spec, max_pixels=cap, name=tensor.name)
+        arrays = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, decode, i, data) for i, data in enumerate(images))
+        )
+        metrics.PREPROCESS_SECONDS.labels(entry.name, entry.version).observe(time.perf_counter() - start)
+        return np.stack(arrays)
+
+    async def predict_images(
+        self, name: str, version: str | None, images: list[bytes], *, protocol: str, deadline: float | None
+    ) -> list[dict[str, float]]:
+        """TorchServe-style answers: for each image, the top ``default_top_k`` labels -> probability."""
+        request = InferRequest(
+            model=name,
+            version=version,
+            inputs=[InferInput(IMAGE_INPUT, "BYTES", [len(images)], images)],
+            outputs=[RequestedOutput("probabilities")],
+            deadline=deadline,
+            protocol=protocol,
+        )
+        response = await self.infer(request)
+        probs = np.asarray(response.outputs[0].data)
+        labels = self.repository.get(name, response.version).manifest.labels  # type: ignore[union-attr]
+        k = min(self.settings.default_top_k, probs.shape[1])
+        answers = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            answers.append({labels[i]: float(row[i]) for i in order})
+        return answers
+
+    # ---- tokens and management -------------------------------------------------------------------
+    def check_inference_token(self, token: str | None) -> None:
+        expected = self.settings.inference_token
+        if expected and not _same(token, expected):
+            raise Unauthorized("missing or wrong inference token (Authorization: Bearer <token>)")
+
+    def check_management_token(self, token: str | None) -> None:
+        if not self.settings.enable_management:
+            raise Forbidden("the model management API is disabled on this server (enable_management)")
+        if not _same(token, self.settings.management_token):
+            raise Unauthorized("missing or wrong management token (Authorization: Bearer <token>)")
+
+    async def repository_index(self) -> list[ModelStatus]:
+        return self.repository.index()
+
+    async def load_model(self, name: str) -> None:
+        await self.repository.load_model(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload_model(name)
+
+    async def shutdown(self, *, timeout: float) -> None:
+        """Refuse new requests, finish everything accepted, release the models and threads."""
+        self._draining = True
+        await self.repository.close(timeout=timeout)
+        self._decode_pool.shutdown(wait=True, cancel_futures=False)
+
+
+def _decode_one(index: int, data: bytes, *, spec: Preprocess, max_pixels: int, name: str) -> np.ndarray:
+    return preprocess_bytes(data, spec, max_pixels=max_pixels, source=f"{name}[{index}]")
+
+
+def _same(token: str | None, expected: str) -> bool:
+    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's deadline passed before it could be computed")
+
+
+def _check_fp32(tensor: InferInput, manifest: Manifest) -> np.ndarray:
+    expected = manifest.preprocess.input_shape
+    data = tensor.data
+    if not isinstance(data, np.ndarray):
+        raise InvalidInput(f"input '{tensor.name}': FP32 data must be numeric")
+    if data.ndim != 4 or tuple(data.shape[1:]) != expected or data.shape[0] < 1:
+        raise InvalidInput(
+            f"input '{tensor.name}': shape {list(data.shape)} does not match [N, {', '.join(map(str, expected))}]"
+        )
+    if not np.isfinite(data).all():
+        raise InvalidInput(f"input '{tensor.name}': contains NaN or infinity")
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _make_outputs(logits: np.ndarray, manifest: Manifest, requested: list[RequestedOutput] | None) -> list[InferOutput]:
+    values = {"logits": logits.astype(np.float32, copy=False), "probabilities": softmax(logits).astype(np.float32)}
+    wanted = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
+    outputs = []
+    for item in wanted:
+        if item.name not in values:
+            raise InvalidInput(f"unknown output '{item.name}'; this model has {', '.join(OUTPUT_NAMES)}")
+        data = values[item.name]
+        if item.classification > 0:
+            strings = classification_strings(data, manifest.labels, item.classification)
+            k = min(item.classification, data.shape[1])
+            outputs.append(InferOutput(item.name, "BYTES", [data.shape[0], k], strings, item.parameters))
+        else:
+            outputs.append(InferOutput(item.name, "FP32", list(data.shape), data, item.parameters))
+    return outputs
+
+
+def _input_metadata(manifest: Manifest | None) -> list[TensorMetadata]:
+    if manifest is None:
+        return []
+    fp32 = manifest.inputs[0]
+    return [TensorMetadata(IMAGE_INPUT, "BYTES", [-1]), TensorMetadata(fp32.name, "FP32", list(fp32.shape))]
+
+
+def _output_metadata(manifest: Manifest | None) -> list[TensorMetadata]:
+    if manifest is None:
+        return []
+    return [TensorMetadata(name, "FP32", [-1, manifest.num_classes]) for name in OUTPUT_NAMES]
+
+
+def public_dict(value: Any) -> Any:
+    """Dataclass-ish metadata to plain JSON-able values (used by adapters)."""
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value

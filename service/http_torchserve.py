@@ -1,0 +1,67 @@
+"""TorchServe's inference API over HTTP, for users migrating off TorchServe.
+
+``POST /predictions/{model}[/{version}]`` with the image as the raw body (or a multipart field)
+answers ``{"label": probability, ...}`` like TorchServe's image classifier; ``GET /ping``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.dataplane import DataPlane
+from service.errors import InvalidInput
+from service.http_v2 import bearer_token, read_body, request_deadline
+
+MULTIPART = "multipart/form-data"
+
+
+async def image_from_request(request: Request, limit: int) -> bytes:
+    """The raw body, or the one file/field of a multipart form (``data`` or ``body`` when several)."""
+    if not request.headers.get("content-type", "").startswith(MULTIPART):
+        return await read_body(request, limit)
+    from service.errors import PayloadTooLarge
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    if len(await request.body()) > limit:  # cached by Starlette, so the form parser reads it again
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    form = await request.form()
+    fields = {key: value for key, value in form.multi_items()}
+    chosen = fields.get("data") or fields.get("body") or (next(iter(fields.values())) if len(fields) == 1 else None)
+    if chosen is None:
+        raise InvalidInput("multipart request: send the image in a field named 'data'")
+    if isinstance(chosen, str):
+        return chosen.encode("latin-1")
+    data: bytes = await chosen.read()
+    return data
+
+
+def build_router(plane: DataPlane) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/ping")
+    async def ping() -> JSONResponse:
+        healthy = await plane.ready()
+        return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500)
+
+    @router.post("/predictions/{model}")
+    async def predictions(model: str, request: Request) -> Any:
+        return await _predict(plane, request, model, None)
+
+    @router.post("/predictions/{model}/{version}")
+    async def predictions_version(model: str, version: str, request: Request) -> Any:
+        return await _predict(plane, request, model, version)
+
+    return router
+
+
+async def _predict(plane: DataPlane, request: Request, model: str, version: str | None) -> Any:
+    plane.check_inference_token(bearer_token(request))
+    image = await image_from_request(request, plane.settings.max_payload_bytes)
+    deadline = request_deadline(request, {}, plane.settings.request_timeout_s)
+    answers = await plane.predict_images(model, version, [image], protocol="http_torchserve", deadline=deadline)
+    return answers[0]

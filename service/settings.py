@@ -1,0 +1,123 @@
+"""Server settings: typed, frozen, resolved once at the edge (CLI < config file < environment < flags).
+
+Every field can come from a YAML config file (``--config``), an environment variable
+``SERVE_<FIELD>`` (upper case), or a command-line flag ``--<field-with-dashes>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKENDS = ("auto", "onnxruntime", "torchscript")
+ENV_PREFIX = "SERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``serve`` can be told. Defaults are safe: loopback only, management off."""
+
+    model_store: Path = Path("model_store")
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 0  # 0: /metrics on the HTTP port
+    backend: str = "auto"  # auto: ONNX Runtime when the package has model.onnx, else TorchScript
+    model_backends: dict[str, str] = field(default_factory=dict)  # per model name
+    device: str = "auto"  # auto: CUDA when available
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0  # Triton-style: batch what is already queued, wait no longer
+    max_queue_size: int = 64  # per model version; beyond it requests are refused (429)
+    model_instances: int = 1  # batches computed concurrently per model version
+    decode_workers: int = 4  # threads decoding and preprocessing images beside compute
+    intra_op_threads: int = 0  # 0: the backend's default
+    max_payload_bytes: int = 16 * 1024 * 1024  # request body / gRPC message cap, equal on every protocol
+    max_image_pixels: int = 40_000_000  # decompression-bomb cap
+    request_timeout_s: float = 0.0  # 0: no server-side default deadline
+    enable_management: bool = False
+    management_token: str = ""  # required when management is enabled
+    inference_token: str = ""  # optional: when set, inference needs it too
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    drain_timeout_s: float = 30.0
+    default_top_k: int = 5  # TorchServe-style answers: this many labels
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        for model, backend in self.model_backends.items():
+            if backend not in BACKENDS:
+                raise ValueError(f"model_backends[{model}]={backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.model_instances < 1:
+            raise ValueError("max_batch_size, max_queue_size and model_instances must be at least 1")
+        if self.enable_management and not self.management_token:
+            raise ValueError("enable_management needs a management_token (SERVE_MANAGEMENT_TOKEN)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def backend_for(self, model: str) -> str:
+        return self.model_backends.get(model, self.backend)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for logs, tokens masked."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for secret in ("management_token", "inference_token"):
+            data[secret] = "***" if data[secret] else ""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a string or YAML value into the field's type."""
+    kind = Settings.__dataclass_fields__[name].type
+    if value is None:
+        return None
+    if "Path" in str(kind):
+        return Path(value)
+    if kind == "bool" and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if "dict" in str(kind):
+        return _parse_mapping(value)
+    for text, cast in (("int", int), ("float", float), ("bool", bool)):
+        if kind == text:
+            return cast(value)
+    return str(value)
+
+
+def _parse_mapping(value: Any) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    pairs = [item.split("=", 1) for item in str(value).split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"expected model=backend[,model=backend], got {value!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def from_sources(
+    *, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> Settings:
+    """Resolve settings: defaults < config file < environment (SERVE_*) < command-line flags."""
+    known = set(Settings.__dataclass_fields__)
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        loaded = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of setting names to values")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    env = os.environ if environ is None else environ
+    values.update({k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+    values.update({k: v for k, v in flags.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
+    return Settings(**{k: _coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from service import backends
+from service.backends import (
+    OnnxBackend,
+    TorchScriptBackend,
+    choose_backend,
+    load_backend,
+    resolve_device,
+    warm_up,
+)
+from service.errors import PackageError
+from service.manifest import Manifest, Preprocess, TensorSpec
+
+REPO = Path(__file__).resolve().parents[3]
+SIZE, CLASSES = 16, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    folder: Path
+    model: nn.Module
+    manifest: Manifest
+
+
+def _manifest(*, formats: tuple[str, ...] = ("onnx", "torchscript"), classes: int = CLASSES) -> Manifest:
+    files = {"onnx": "model.onnx", "torchscript": "model.pt"}
+    return Manifest(
+        name="tiny",
+        version=1,
+        backbone="tiny-cnn",
+        labels=tuple(f"class{i}" for i in range(classes)),
+        preprocess=Preprocess(resize=SIZE, crop=SIZE),
+        inputs=(TensorSpec("input", "FP32", (-1, 3, SIZE, SIZE)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, classes)),),
+        files={},
+        formats={f: files[f] for f in formats},
+    )
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
+    """A tiny CNN exported to TorchScript and ONNX (dynamic batch) in one package folder."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, CLASSES)).eval()
+    folder = tmp_path_factory.mktemp("package")
+    example = torch.randn(2, 3, SIZE, SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.jit.trace(model, example).save(str(folder / "model.pt"))  # type: ignore[no-untyped-call]
+        torch.onnx.export(
+            model,
+            (example,),
+            str(folder / "model.onnx"),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    manifest = _manifest()
+    (folder / "manifest.json").write_text(manifest.to_json())
+    return Package(folder, model, manifest)
+
+
+def _eager(model: nn.Module, batch: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(batch)).numpy()
+
+
+@pytest.mark.parametrize(("factory", "file_name"), [(OnnxBackend, "model.onnx"), (TorchScriptBackend, "model.pt")])
+@pytest.mark.parametrize("n", [1, 5])
+def test_backends_match_the_eager_model(package: Package, factory: Any, file_name: str, n: int) -> None:
+    backend = factory(package.folder / file_name)
+    batch = np.random.default_rng(n).standard_normal((n, 3, SIZE, SIZE), dtype=np.float32)
+    logits = backend.run(batch)
+    assert logits.dtype == np.float32 and logits.shape == (n, CLASSES)
+    np.testing.assert_allclose(logits, _eager(package.model, batch), atol=1e-4)
+    assert backend.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("formats", "requested", "expected"),
+    [
+        (("onnx", "torchscript"), "auto", "onnxruntime"),
+        (("torchscript",), "auto", "torchscript"),
+        (("onnx",), "auto", "onnxruntime"),
+        (("onnx", "torchscript"), "torchscript", "torchscript"),
+        (("onnx",), "onnxruntime", "onnxruntime"),
+    ],
+)
+def test_choose_backend(formats: tuple[str, ...], requested: str, expected: str) -> None:
+    assert choose_backend(_manifest(formats=formats), requested) == expected
+
+
+def test_choose_backend_refusals() -> None:
+    with pytest.raises(PackageError, match="torchscript needs a torchscript file; the package has onnx"):
+        choose_backend(_manifest(formats=("onnx",)), "torchscript")
+    with pytest.raises(PackageError, match="the package has no model files"):
+        choose_backend(_manifest(formats=()), "auto")
+    with pytest.raises(ValueError, match="tensorrt"):
+        choose_backend(_manifest(), "tensorrt")
+    both = _manifest()
+    assert choose_backend(both, "auto", prefer_torchscript=True) == "torchscript"
+    assert choose_backend(_manifest(formats=("onnx",)), "auto", prefer_torchscript=True) == "onnxruntime"
+
+
+def test_load_backend_and_warm_up(package: Package) -> None:
+    onnx = load_backend(package.folder, package.manifest, requested="auto", device="cpu")
+    script = load_backend(package.folder, package.manifest, requested="torchscript", device="cpu")
+    assert (onnx.name, script.name) == ("onnxruntime", "torchscript")
+    for backend in (onnx, script):
+        warm_up(backend, package.manifest, batch_sizes=(1, 4))
+
+
+def test_warm_up_catches_a_wrong_number_of_classes(package: Package) -> None:
+    backend = load_backend(package.folder, package.manifest, device="cpu")
+    with pytest.raises(PackageError, match=r"returns \(1, 3\).*promises \(1, 5\)"):
+        warm_up(backend, _manifest(classes=5))
+
+
+def test_broken_model_file_is_a_package_error(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(PackageError, match="onnxruntime cannot load"):
+        load_backend(tmp_path, _manifest(formats=("onnx",)), device="cpu")
+    with pytest.raises(PackageError, match="torchscript cannot load"):
+        load_backend(tmp_path, _manifest(formats=("torchscript",)), device="cpu")  # model.pt is missing
+
+
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [resolve_device(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(backends, "_onnxruntime_has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_torch_has_cuda", lambda: False)
+    assert resolve_device("auto", backend="onnxruntime") == "cuda:0"
+    assert resolve_device("auto", backend="torchscript") == "cpu"
+
+
+def test_torch_is_consulted_for_the_gpu_only_where_a_driver_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def torch_must_not_be_asked() -> bool:
+        raise AssertionError("checked torch on a host without an NVIDIA driver")
+
+    monkeypatch.setattr(backends, "_onnxruntime_has_cuda", lambda: False)
+    monkeypatch.setattr(backends, "_NVIDIA_HINTS", (tmp_path / "absent",))
+    monkeypatch.setattr(backends, "_torch_has_cuda", torch_must_not_be_asked)
+    assert not backends._only_torch_reaches_gpu(_manifest())
+    (tmp_path / "absent").touch()
+    monkeypatch.setattr(backends, "_torch_has_cuda", lambda: True)
+    assert backends._only_torch_reaches_gpu(_manifest())
+    assert not backends._only_torch_reaches_gpu(_manifest(formats=("onnx",)))
+
+
+def test_cuda_without_a_cuda_provider_falls_back_to_cpu(package: Package) -> None:
+    if backends._onnxruntime_has_cuda():
+        pytest.skip("this onnxruntime has CUDA")
+    assert OnnxBackend(package.folder / "model.onnx", device="cuda:0").device == "cpu"
+
+
+def test_an_onnx_only_server_never_imports_torch(package: Package) -> None:
+    script = f"""
+import dataclasses, sys
+from pathlib import Path
+import service.metrics
+from service import backends
+from service.manifest import load_manifest
+folder = Path({str(package.folder)!r})
+manifest = dataclasses.replace(load_manifest(folder), formats={{"onnx": "model.onnx"}})
+backend = backends.load_backend(folder, manifest)  # auto backend, auto device
+backends.warm_up(backend, manifest, batch_sizes=(1, 2))
+service.metrics.render()
+assert backend.name == "onnxruntime", backend.name
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120)
