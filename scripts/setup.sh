@@ -11,5 +11,6 @@ if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[t
   grep -v "^WARNING: Location" "$log" >&2; rm -f "$log"; exit 1
 fi
 rm -f "$log"
-.venv/bin/python -c "import finetune, service, torch, torchvision" 
+.venv/bin/python -m service.protos  # gRPC modules from proto/ into service/_proto (generated, not committed)
+.venv/bin/python -c "import finetune, service, torch, torchvision"
 echo "set up: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')" >&2

@@ -48,11 +48,12 @@ def build_router(plane: DataPlane) -> APIRouter:
         healthy = await plane.ready()
         return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500)
 
-    @router.post("/predictions/{model}")
+    # TorchServe's docs use `curl -T image.jpg`, which sends PUT: accept both
+    @router.api_route("/predictions/{model}", methods=["POST", "PUT"])
     async def predictions(model: str, request: Request) -> Any:
         return await _predict(plane, request, model, None)
 
-    @router.post("/predictions/{model}/{version}")
+    @router.api_route("/predictions/{model}/{version}", methods=["POST", "PUT"])
     async def predictions_version(model: str, version: str, request: Request) -> Any:
         return await _predict(plane, request, model, version)
 

@@ -101,7 +101,11 @@ class ModelRepository:
             entry.manifest, entry.backend, entry.state = manifest, backend, READY
             logger.info("model %s version %s ready (%s on %s)", name, version, backend.name, backend.device)
         except Exception as exc:  # any failure makes this version unavailable, never the server
-            entry.state, entry.reason = UNAVAILABLE, str(exc) or type(exc).__name__
+            # clients see the reason: name files relative to the store, not by their server path
+            reason = (
+                (str(exc) or type(exc).__name__).replace(f"{self.store.resolve()}/", "").replace(f"{self.store}/", "")
+            )
+            entry.state, entry.reason = UNAVAILABLE, reason
             logger.error("model %s version %s failed to load: %s", name, version, entry.reason)
         metrics.MODEL_READY.labels(name, version).set(1 if entry.state == READY else 0)
         return entry

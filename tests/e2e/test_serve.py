@@ -91,7 +91,7 @@ def test_torchserve_http_and_grpc(server: Server, demo_package: Package) -> None
         stub = pb2_grpc.InferenceAPIsServiceStub(channel)
         assert json.loads(stub.Ping(empty_pb2.Empty()).health)["status"] == "Healthy"
         for path, data, label in _images(demo_package, 4):
-            answer = httpx.post(f"{server.url}/predictions/demo", content=data, timeout=60).json()
+            answer = httpx.put(f"{server.url}/predictions/demo", content=data, timeout=60).json()
             assert next(iter(answer)) == label, path
             assert list(answer.values()) == sorted(answer.values(), reverse=True)
             reply = stub.Predictions(pb2.PredictionsRequest(model_name="demo", input={"data": data}))

@@ -1,0 +1,159 @@
+"""TorchServe 0.12 handler for imgclf packages (the ``handler`` of the ``.mar`` built by ``finetune.torchserve``).
+
+It does not subclass TorchServe's ``BaseHandler`` (that imports its profiler/ONNX/IPEX switches
+at import time) and needs no captum. It reads the package's ``manifest.json`` from the model
+dir, preprocesses with :func:`service.preprocess.preprocess_bytes` and runs the model with
+:mod:`service.backends`: the very modules the ``serve`` server uses, shipped inside the archive
+under ``service/`` (TorchServe puts the model dir first on the worker's ``PYTHONPATH``).
+``model.pt`` loads with ``torch.jit.load`` (nothing is unpickled), ``model.onnx`` with
+onnxruntime, which TorchServe's own handlers cannot run.
+
+Each request holds one image: the raw request body (TorchServe calls it ``body``) or one
+multipart form field / gRPC ``input`` entry named ``data``. The batch TorchServe hands over runs
+as one forward pass. Each answer is ``{label: probability}`` of the top-k, best first, like
+TorchServe's image_classifier; a bad image fails only its own request (status 400 and a JSON
+``{"code", "type", "message"}`` naming the field), the rest of the batch is answered.
+
+    torch-model-archiver --handler finetune/ts_handler.py ...   # done by finetune.torchserve.build_mar
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.backends import FORMAT_OF_BACKEND, Backend, load_backend, warm_up
+from service.errors import InvalidInput, PackageError, ServiceError
+from service.manifest import Manifest, load_manifest, sha256_file
+from service.preprocess import preprocess_bytes
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FIELD = "data"  # multipart form field, gRPC PredictionsRequest.input key
+BODY_FIELD = "body"  # TorchServe's name for a raw request body
+DEFAULT_TOP_K = 5
+
+
+class ImageClassifier:
+    """One TorchServe worker's model: manifest, backend and top-k; ``handle`` answers a batch."""
+
+    def __init__(self, model_dir: Path, *, model_file: str, device: str = "cpu", top_k: int = DEFAULT_TOP_K) -> None:
+        self.manifest: Manifest = load_manifest(model_dir)
+        backend_name = backend_for_file(self.manifest, model_file)
+        verify_model_file(model_dir, self.manifest, model_file)
+        self.backend: Backend = load_backend(model_dir, self.manifest, requested=backend_name, device=device)
+        self.top_k = max(1, min(top_k, self.manifest.num_classes))
+
+    @classmethod
+    def from_context(cls, context: Any) -> ImageClassifier:
+        """Build from TorchServe's context: model dir, the archive's serialized file, GPU and model config."""
+        props = context.system_properties
+        gpu_id = props.get("gpu_id")
+        handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        classifier = cls(
+            Path(props["model_dir"]),
+            model_file=context.manifest["model"]["serializedFile"],
+            device="cpu" if gpu_id is None else f"cuda:{int(gpu_id)}",
+            top_k=int(handler_config.get("top_k", DEFAULT_TOP_K)),
+        )
+        batch_size = int(props.get("batch_size") or 1)
+        warm_up(classifier.backend, classifier.manifest, batch_sizes=sorted({1, batch_size}))
+        logger.info(
+            "imgclf handler: %s v%s on %s/%s, preprocessing from %s",
+            classifier.manifest.name,
+            classifier.manifest.version,
+            classifier.backend.name,
+            classifier.backend.device,
+            preprocess_bytes.__module__,
+        )
+        return classifier
+
+    def handle(self, rows: Sequence[Mapping[str, Any]], context: Any) -> list[Any]:
+        """One answer per request, in order; a request whose image is bad gets its own error."""
+        answers: list[Any] = [None] * len(rows)
+        arrays: list[np.ndarray] = []
+        good: list[int] = []
+        for index, row in enumerate(rows):
+            try:
+                field, data = image_bytes(row)
+                arrays.append(preprocess_bytes(data, self.manifest.preprocess, source=field))
+                good.append(index)
+            except ServiceError as exc:
+                answers[index] = error_answer(exc, context, index)
+        if arrays:
+            probs = softmax(self.backend.run(np.stack(arrays)))
+            for index, row_probs in zip(good, probs, strict=True):
+                answers[index] = self.top_labels(row_probs)
+        return answers
+
+    def top_labels(self, probs: np.ndarray) -> dict[str, float]:
+        """``{label: probability}`` of the top-k, best first (ties keep the label order)."""
+        order = np.argsort(-probs, kind="stable")[: self.top_k]
+        return {self.manifest.labels[i]: float(probs[i]) for i in order}
+
+
+def backend_for_file(manifest: Manifest, model_file: str) -> str:
+    """The service backend ("torchscript" | "onnxruntime") for the archive's serialized file."""
+    backend_of_format = {fmt: backend for backend, fmt in FORMAT_OF_BACKEND.items()}
+    for fmt, file_name in manifest.formats.items():
+        if file_name == model_file and fmt in backend_of_format:
+            return backend_of_format[fmt]
+    raise PackageError(f"{model_file!r} is not a model file of {manifest.name} v{manifest.version}: {manifest.formats}")
+
+
+def verify_model_file(model_dir: Path, manifest: Manifest, model_file: str) -> None:
+    """The archive carries one of the package's model files: it must match the manifest's sha256."""
+    expected = manifest.files.get(model_file)
+    path = model_dir / model_file
+    if expected is None or not path.is_file():
+        raise PackageError(f"{model_dir}: model file {model_file!r} is missing or not listed in manifest.json")
+    if sha256_file(path) != expected:
+        raise PackageError(f"{path}: sha256 does not match manifest.json; rebuild the archive")
+
+
+def image_bytes(row: Mapping[str, Any]) -> tuple[str, bytes]:
+    """(field name, encoded image) of one request: the raw body, or the one field named ``data``."""
+    present = [name for name in (IMAGE_FIELD, BODY_FIELD) if name in row]
+    if len(present) != 1:
+        got = ", ".join(repr(str(k)) for k in row) or "nothing"
+        raise InvalidInput(
+            f"send one image as the raw request body or as a multipart/gRPC field named {IMAGE_FIELD!r} (got {got})"
+        )
+    field = present[0]
+    value = row[field]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return field, bytes(value)
+    raise InvalidInput(
+        f"{field}: expected encoded image bytes, got {type(value).__name__} "
+        "(TorchServe decodes JSON and text bodies: send the image with an image/* or application/octet-stream type)"
+    )
+
+
+def error_answer(exc: ServiceError, context: Any, index: int) -> dict[str, Any]:
+    """Mark request ``index`` as failed with the error's HTTP status; the body names the problem."""
+    context.set_response_status(exc.http_status, exc.message, index)
+    return {"code": exc.http_status, "type": type(exc).__name__, "message": exc.message}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return result
+
+
+_classifier: ImageClassifier | None = None
+
+
+def handle(data: list[Mapping[str, Any]] | None, context: Any) -> list[Any] | None:
+    """TorchServe's entry point: called once with ``data=None`` to initialize, then once per batch."""
+    global _classifier
+    if _classifier is None:
+        _classifier = ImageClassifier.from_context(context)
+    if data is None:
+        return None
+    return _classifier.handle(data, context)
