@@ -21,16 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from finetune import backbones, data, metrics, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
+from finetune.distributed import init_from_env
 from finetune.export import export_and_check
 from finetune.loop import EpochStats, Runtime, StepContext, cross_entropy, predict, train_one_epoch
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.publish import PackageSpec, publish_package
 from finetune.tblog import TensorBoardLog
+from finetune.torchserve import archive_for_torchserve
 from service.manifest import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -92,21 +94,26 @@ class Trainer:
     """Holds one run's pieces; each method is one stage."""
 
     def __init__(self, config: TrainConfig) -> None:
+        self.dist = init_from_env(config.device)
         name = default_name(config)
-        run_name = config.run_name or f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_name = self.dist.broadcast(config.run_name or f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
         self.config = config.replace(name=name, run_name=run_name)
         self.run_dir = config.resume if config.resume is not None else config.output_dir / run_name
-        self.runtime = resolve_runtime(self.config)
+        self.resuming = config.resume is not None and (self.run_dir / RUN_INFO).is_file()
+        self.runtime = resolve_runtime(self.config.replace(device=self.dist.device(config.device)))
         self._log_handler: logging.Handler | None = None
 
     def run(self) -> RunResult:
-        self._open_run_dir()
         try:
+            if self.dist.is_main:
+                self._open_run_dir()
+            self.dist.barrier()
             return self._run()
         finally:
             if self._log_handler is not None:
                 logging.getLogger().removeHandler(self._log_handler)
                 self._log_handler.close()
+            self.dist.close()
 
     def _run(self) -> RunResult:
         published = self.run_dir / PUBLISHED
@@ -117,6 +124,8 @@ class Trainer:
             return RunResult(self.run_dir, package, stored.get("test", {}))
         self._setup()
         self._fit()
+        if not self.dist.is_main:  # rank 0 alone evaluates, exports and publishes
+            return RunResult(self.run_dir, None)
         test_metrics = self._evaluate_test()
         package = self._export_and_publish(test_metrics)
         return RunResult(self.run_dir, package, test_metrics)
@@ -151,7 +160,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.backbone, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
         self.state = self._restore()
-        self.tb = TensorBoardLog(self.run_dir / "tensorboard", enabled=cfg.tensorboard, purge_step=self.state.epoch + 1)
+        self.tb = TensorBoardLog(
+            self.run_dir / "tensorboard", enabled=cfg.tensorboard and self.dist.is_main, purge_step=self.state.epoch + 1
+        )
 
     def _maybe_compile(self, model: nn.Module) -> nn.Module:
         if not self.config.compile:
@@ -160,8 +171,10 @@ class Trainer:
         return compiled
 
     def _load_or_make_splits(self) -> data.DataSplits:
+        """Rank 0 splits and saves; every other rank reads the saved split (one source of truth)."""
         cfg = self.config
-        if (self.run_dir / "splits").is_dir():
+        if not self.dist.is_main or (self.run_dir / "splits").is_dir():
+            self.dist.barrier()
             return data.load_splits(self.run_dir)
         splits = data.prepare_data(
             cfg.data,
@@ -171,13 +184,14 @@ class Trainer:
             min_images_per_class=cfg.min_images_per_class,
         )
         data.save_splits(splits, self.run_dir)
+        self.dist.barrier()
         return splits
 
     def _make_backbone(self) -> backbones.Backbone:
         """Pretrained weights on a new run; on resume the checkpoint supplies them (no download)."""
         cfg = self.config
         info_path = self.run_dir / RUN_INFO
-        weights = "none" if info_path.is_file() else cfg.weights
+        weights = "none" if self.resuming else cfg.weights
         torch.manual_seed(cfg.seed)
         backbone = backbones.create_backbone(
             cfg.backbone,
@@ -186,11 +200,11 @@ class Trainer:
             head_dropout=cfg.head_dropout,
             img_size=cfg.img_size,
         )
-        if info_path.is_file():
+        if self.resuming:
             info = json.loads(info_path.read_text(encoding="utf-8"))
             backbone.weights = info["weights"]
             backbone.preprocess = Preprocess.from_dict(info["preprocess"])
-        else:
+        elif self.dist.is_main:
             info = {"weights": backbone.weights, "preprocess": backbone.preprocess.__dict__, "labels": self.labels}
             info_path.write_text(json.dumps(info, indent=2, default=list), encoding="utf-8")
         logger.info(
@@ -224,11 +238,15 @@ class Trainer:
     def _loader(self, samples: tuple[data.Sample, ...], transform: Any, *, epoch: int, train: bool) -> DataLoader[Any]:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        sampler = None
-        if train and self.balance == "sampler":
+        dataset = data.ImageDataset(samples, transform)
+        sampler: Any = None
+        if train and self.dist.enabled:
+            sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+        elif train and self.balance == "sampler":
             sampler = data.make_sampler(samples, len(self.labels), seed=cfg.seed * 1000 + epoch)
         return DataLoader(
-            data.ImageDataset(samples, transform),
+            dataset,
             batch_size=cfg.batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
@@ -272,8 +290,11 @@ class Trainer:
         val_loader = self._eval_loader(self.splits.val)
         if self.state.epoch == 0:
             self._log_inputs(val_loader)
+        wrapped_frozen: bool | None = None
         for epoch in range(self.state.epoch, cfg.epochs):
-            self._set_phase(epoch)
+            frozen = self._set_phase(epoch)
+            if self.dist.enabled and frozen != wrapped_frozen:  # DDP syncs what requires grad when wrapped
+                ctx.model, wrapped_frozen = self._maybe_compile(self.dist.wrap(self.model)), frozen
             torch.manual_seed(cfg.seed * 1000 + epoch)
             desc = f"epoch {epoch + 1}/{cfg.epochs}"
             stats = train_one_epoch(ctx, self._train_loader(epoch), total=self.steps_per_epoch, desc=desc)
@@ -290,7 +311,7 @@ class Trainer:
         self.tb.graph(self.model, self.runtime.to_device(example[:1]))
 
     def _validate(self, loader: DataLoader[Any]) -> dict[str, Any]:
-        logits, targets = predict(self.train_model, loader, self.runtime, total=len(loader), desc="validate")
+        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="validate")
         result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
         result["loss"] = cross_entropy(logits, targets)
         return result
@@ -357,6 +378,8 @@ class Trainer:
         )  # fmt: skip
 
     def _save(self, which: str) -> None:
+        if not self.dist.is_main:
+            return
         tensors: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -428,6 +451,7 @@ class Trainer:
         )
         (self.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
         self.tb.close()
+        archive_for_torchserve(package, store=cfg.model_store, mode=cfg.torchserve)
         return package
 
     def _summary_metrics(self, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
