@@ -3,6 +3,8 @@
 finetune --backbone resnet50 --data ./imgs
 finetune --demo                       # embedded real-photo dataset, offline pretrained weights
 finetune --config run.yaml --epochs 20  # YAML supplies any flag; the command line wins
+finetune compare --backbones resnet18,mobilenet_v3_small --data ./imgs
+finetune explain --package model_store/imgs/1 photo.jpg --out heat.png
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def _add_io_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run-name", help="run folder name (default <name>-<timestamp>)")
     group.add_argument("--model-store", type=Path, help="where packages are published (default model_store/)")
     group.add_argument("--export-formats", type=_formats, help="comma list of torchscript,onnx (default both)")
+    group.add_argument(
+        "--torchserve",
+        choices=cfg_mod.TORCHSERVE_MODES,
+        help="TorchServe .mar archives written into the model store after publishing (default torchscript)",
+    )
     group.add_argument("--opset", type=int, help="ONNX opset (default 18)")
     group.add_argument("--parity-atol", type=float, help="absolute logit tolerance of the export check (default 1e-3)")
     group.add_argument("--resume", type=Path, help="continue a killed run from its run folder's last checkpoint")
@@ -103,13 +110,21 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", type=_bool, help="torch.compile the model (default false)")
     group.add_argument("--tensorboard", type=_bool, help="write TensorBoard event files (default true)")
     group.add_argument("--topk", type=int, help="also report top-k accuracy (default 5)")
+    group.add_argument(
+        "--tta",
+        type=_bool,
+        help="test-time augmentation on the test evaluation: average the logits of each image and its horizontal "
+        "flip (the exported and served model does not flip; default false)",
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
         description="Fine-tune a pretrained image backbone on an image folder, evaluate it on a held-out test split, "
-        "export TorchScript and ONNX checked against the eager model, and publish a versioned package.",
+        "export TorchScript and ONNX checked against the eager model, and publish a versioned package. "
+        "Subcommands: 'finetune compare --backbones a,b ...' (same split and budget per backbone, a comparison "
+        "table) and 'finetune explain --package DIR image.jpg' (Grad-CAM heatmap); each has its own --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -186,8 +201,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+SUBCOMMANDS = ("compare", "explain")
+
+
 def run(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point; ``finetune compare ...`` and ``finetune explain ...`` are subcommands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"finetune.{argv[0]}")
+        args = module.get_args_parser().parse_args(argv[1:])
+        configure_logging(getattr(args, "verbose", False))
+        raise SystemExit(module.main(args))
     args = get_args_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False))
     raise SystemExit(main(args))

@@ -16,6 +16,7 @@ MIX_MODES = ("none", "mixup", "cutmix", "both")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
 EXPORT_FORMATS = ("torchscript", "onnx")
+TORCHSERVE_MODES = ("none", "torchscript", "onnx", "both")  # .mar archives written after publishing
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,11 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     export_formats: tuple[str, ...] = EXPORT_FORMATS
+    torchserve: str = "torchscript"
     opset: int = 18
     parity_atol: float = 1e-3
     topk: int = 5
+    tta: bool = False  # test evaluation averages the logits of each image and its mirror image
     tensorboard: bool = True
     resume: Path | None = None
 
@@ -74,6 +77,7 @@ class TrainConfig:
         _check_choice("early_stop_metric", self.early_stop_metric, EARLY_STOP_METRICS)
         for fmt in self.export_formats:
             _check_choice("export_formats", fmt, EXPORT_FORMATS)
+        _check_choice("torchserve", self.torchserve, TORCHSERVE_MODES)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
         if not (0.0 <= self.val_split < 1.0 and 0.0 <= self.test_split < 1.0 and self.val_split + self.test_split < 1):

@@ -27,12 +27,14 @@ from finetune import backbones, data, metrics, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.distributed import init_from_env
+from finetune.explain import export_for_package
 from finetune.export import export_and_check
 from finetune.loop import EpochStats, Runtime, StepContext, cross_entropy, predict, train_one_epoch
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.publish import PackageSpec, publish_package
 from finetune.tblog import TensorBoardLog
 from finetune.torchserve import archive_for_torchserve
+from service.explain import EXPLAIN_KEY
 from service.manifest import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -395,7 +397,7 @@ class Trainer:
         _, tensors = load_checkpoint(best)
         self.model.load_state_dict(tensors["model"])
         loader = self._eval_loader(self.splits.test)
-        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="test")
+        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="test", tta=self.config.tta)
         result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
         result["loss"] = cross_entropy(logits, targets)
         metrics.write_evaluation(result, self.run_dir, split="test")
@@ -426,9 +428,11 @@ class Trainer:
         export_dir = self.run_dir / "export"
         export_dir.mkdir(exist_ok=True)
         eager = copy.deepcopy(self.model).cpu().to(memory_format=torch.contiguous_format).float().eval()
+        images = self._parity_images()
         reports = export_and_check(
-            eager, self._parity_images(), export_dir, formats=cfg.export_formats, opset=cfg.opset, atol=cfg.parity_atol
+            eager, images, export_dir, formats=cfg.export_formats, opset=cfg.opset, atol=cfg.parity_atol
         )
+        extra_files = export_for_package(eager, self.backbone.name, images[:2], export_dir)
         parity = {fmt: report.to_dict() for fmt, report in reports.items()}
         checks = [report.describe() for report in reports.values()]
         for line in checks:
@@ -444,10 +448,16 @@ class Trainer:
                 "run": str(self.run_dir.resolve()),
                 "weights": self.backbone.weights,
                 "onnx_opset": parity.get("onnx", {}).get("opset"),
-            },
+            }
+            | ({EXPLAIN_KEY: extra_files[0]} if extra_files else {}),
         )
         package = publish_package(
-            spec, export_dir=export_dir, store=cfg.model_store, formats=cfg.export_formats, version=cfg.version
+            spec,
+            export_dir=export_dir,
+            store=cfg.model_store,
+            formats=cfg.export_formats,
+            version=cfg.version,
+            extra_files=extra_files,
         )
         (self.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
         self.tb.close()

@@ -134,15 +134,18 @@ def train_one_epoch(ctx: StepContext, loader: Iterable[Any], *, total: int, desc
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: Iterable[Any], runtime: Runtime, *, total: int, desc: str
+    model: nn.Module, loader: Iterable[Any], runtime: Runtime, *, total: int, desc: str, tta: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode logits (float32, N x C) and targets (N) over a loader."""
+    """Eval-mode logits (float32, N x C) and targets (N) over a loader; ``tta`` averages with the mirror image."""
     model.eval()
     all_logits: list[np.ndarray] = []
     all_targets: list[np.ndarray] = []
     for images, targets in progress(loader, total=total, desc=desc):
         with runtime.autocast():
-            logits = model(runtime.to_device(images))
+            inputs = runtime.to_device(images)
+            logits = model(inputs)
+            if tta:
+                logits = (logits + model(inputs.flip(-1))) / 2
         all_logits.append(logits.float().cpu().numpy())
         all_targets.append(targets.numpy())
     if not all_logits:

@@ -53,9 +53,12 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_manifest(spec: PackageSpec, *, version: int, export_dir: Path, formats: tuple[str, ...]) -> Manifest:
-    """The manifest of a package whose model files are in ``export_dir``."""
-    files = {FORMAT_FILES[fmt]: sha256_file(export_dir / FORMAT_FILES[fmt]) for fmt in formats}
+def build_manifest(
+    spec: PackageSpec, *, version: int, export_dir: Path, formats: tuple[str, ...], extra_files: tuple[str, ...] = ()
+) -> Manifest:
+    """The manifest of a package whose model files (and ``extra_files``) are in ``export_dir``."""
+    names = [FORMAT_FILES[fmt] for fmt in formats] + list(extra_files)
+    files = {name: sha256_file(export_dir / name) for name in names}
     channels, height, width = spec.preprocess.input_shape
     return Manifest(
         name=spec.name,
@@ -75,11 +78,21 @@ def build_manifest(spec: PackageSpec, *, version: int, export_dir: Path, formats
 
 
 def publish_package(
-    spec: PackageSpec, *, export_dir: Path, store: Path, formats: tuple[str, ...], version: int | None = None
+    spec: PackageSpec,
+    *,
+    export_dir: Path,
+    store: Path,
+    formats: tuple[str, ...],
+    version: int | None = None,
+    extra_files: tuple[str, ...] = (),
 ) -> Path:
-    """Copy the exports and a manifest into ``store/<name>/<version>/`` atomically; returns that folder."""
+    """Copy the exports and a manifest into ``store/<name>/<version>/`` atomically; returns that folder.
+
+    ``extra_files`` (e.g. the Grad-CAM ``cam.pt``) are copied too and listed in the manifest with their sha256.
+    """
     _validate(spec.name)
-    missing = [FORMAT_FILES[f] for f in formats if not (export_dir / FORMAT_FILES[f]).is_file()]
+    wanted = [FORMAT_FILES[f] for f in formats] + list(extra_files)
+    missing = [name for name in wanted if not (export_dir / name).is_file()]
     if missing:
         raise PublishError(f"cannot publish {spec.name}: missing exported files {missing} in {export_dir}")
     model_dir = store / spec.name
@@ -90,7 +103,7 @@ def publish_package(
     chosen = version if version is not None else next_version(store, spec.name)
     staging = model_dir / f".staging-{chosen}-{os.getpid()}"
     try:
-        _write_staging(spec, export_dir=export_dir, staging=staging, version=chosen, formats=formats)
+        _write_staging(spec, export_dir=export_dir, staging=staging, version=chosen, files=(formats, extra_files))
         return _rename_into_place(staging, model_dir, chosen, explicit=version is not None)
     except OSError as exc:
         raise PublishError(f"cannot publish {spec.name} into {model_dir}: {exc.strerror or exc}") from exc
@@ -106,16 +119,18 @@ def _validate(name: str) -> None:
 
 
 def _write_staging(
-    spec: PackageSpec, *, export_dir: Path, staging: Path, version: int, formats: tuple[str, ...]
+    spec: PackageSpec, *, export_dir: Path, staging: Path, version: int, files: tuple[tuple[str, ...], tuple[str, ...]]
 ) -> None:
+    formats, extra_files = files
+    names = [FORMAT_FILES[fmt] for fmt in formats] + list(extra_files)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    for fmt in formats:
-        shutil.copy2(export_dir / FORMAT_FILES[fmt], staging / FORMAT_FILES[fmt])
-    manifest = build_manifest(spec, version=version, export_dir=staging, formats=formats)
+    for name in names:
+        shutil.copy2(export_dir / name, staging / name)
+    manifest = build_manifest(spec, version=version, export_dir=staging, formats=formats, extra_files=extra_files)
     _write_synced(staging / MANIFEST_FILE, manifest.to_json())
-    for fmt in formats:
-        _fsync(staging / FORMAT_FILES[fmt])
+    for name in names:
+        _fsync(staging / name)
 
 
 def _rename_into_place(staging: Path, model_dir: Path, version: int, *, explicit: bool) -> Path:

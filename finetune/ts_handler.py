@@ -19,6 +19,7 @@ TorchServe's image_classifier; a bad image fails only its own request (status 40
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELD = "data"  # multipart form field, gRPC PredictionsRequest.input key
 BODY_FIELD = "body"  # TorchServe's name for a raw request body
 DEFAULT_TOP_K = 5
+JSON = "application/json"
 
 
 class ImageClassifier:
@@ -68,7 +70,7 @@ class ImageClassifier:
             classifier.manifest.version,
             classifier.backend.name,
             classifier.backend.device,
-            preprocess_bytes.__module__,
+            inspect.getsourcefile(preprocess_bytes),
         )
         return classifier
 
@@ -78,6 +80,7 @@ class ImageClassifier:
         arrays: list[np.ndarray] = []
         good: list[int] = []
         for index, row in enumerate(rows):
+            context.set_response_content_type(index, JSON)
             try:
                 field, data = image_bytes(row)
                 arrays.append(preprocess_bytes(data, self.manifest.preprocess, source=field))

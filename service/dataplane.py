@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from service import metrics
-from service.errors import DeadlineExceeded, Forbidden, InvalidInput, ShuttingDown, Unauthorized
+from service.errors import DeadlineExceeded, Forbidden, InvalidInput, QueueFull, ShuttingDown, Unauthorized
+from service.explain import Explainer, cam_file
 from service.manifest import Manifest, Preprocess
 from service.preprocess import preprocess_bytes
 from service.repository import READY, ModelEntry, ModelRepository
@@ -67,6 +68,8 @@ class DataPlane:
         self.settings = settings
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         self._draining = False
+        self._decoding: dict[tuple[str, str], int] = {}  # requests being decoded, per model version
+        self._explainer = Explainer()  # loads torch and a package's cam.pt on the first explanation only
 
     # ---- health and metadata -------------------------------------------------------------------
     async def live(self) -> bool:
@@ -120,7 +123,7 @@ class DataPlane:
             entry = self.repository.get(request.model, request.version)
             version = entry.version
             assert entry.manifest is not None and entry.batcher is not None
-            batch = await self._to_batch(entry, request)
+            batch = await self._admit(entry, request)
             _check_deadline(request.deadline)
             logits = await entry.batcher.submit(batch, deadline=request.deadline)
             outputs = _make_outputs(logits, entry.manifest, request.outputs)
@@ -134,6 +137,23 @@ class DataPlane:
     def _check_accepting(self) -> None:
         if self._draining:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
+
+    async def _admit(self, entry: ModelEntry, request: InferRequest) -> np.ndarray:
+        """Decode the request's images if the model version has room, else refuse at once (QueueFull).
+
+        Requests being decoded count against ``max_queue_size`` with those queued in the batcher:
+        otherwise a flood would wait, unbounded, in front of the decode threads before being refused.
+        """
+        assert entry.batcher is not None
+        key = (entry.name, entry.version)
+        waiting = self._decoding.get(key, 0) + entry.batcher.queue_depth
+        if waiting >= self.settings.max_queue_size:
+            raise QueueFull(f"model '{entry.name}' version {entry.version} has {waiting} requests waiting; retry later")
+        self._decoding[key] = self._decoding.get(key, 0) + 1
+        try:
+            return await self._to_batch(entry, request)
+        finally:
+            self._decoding[key] -= 1
 
     async def _to_batch(self, entry: ModelEntry, request: InferRequest) -> np.ndarray:
         assert entry.manifest is not None
@@ -187,6 +207,23 @@ class DataPlane:
             order = np.argsort(-row, kind="stable")[:k]
             answers.append({labels[i]: float(row[i]) for i in order})
         return answers
+
+    async def explain(self, name: str, version: str | None, image: bytes) -> np.ndarray:
+        """Grad-CAM heatmap (H, W) in [0, 1] of the image's predicted class, at the model's input size.
+
+        InvalidInput when the package carries no Grad-CAM module; computed in a thread, beside the batcher.
+        """
+        self._check_accepting()
+        entry = self.repository.get(name, version)
+        assert entry.manifest is not None
+        cam_file(entry.manifest)  # refuse before decoding
+        loop = asyncio.get_running_loop()
+        spec, cap = entry.manifest.preprocess, self.settings.max_image_pixels
+        decode = functools.partial(_decode_one, spec=spec, max_pixels=cap, name="image")
+        array = await loop.run_in_executor(self._decode_pool, decode, 0, image)
+        heatmaps = await asyncio.to_thread(self._explainer.explain, entry.path, entry.manifest, array[None])
+        heatmap: np.ndarray = heatmaps[0]
+        return heatmap
 
     # ---- tokens and management -------------------------------------------------------------------
     def check_inference_token(self, token: str | None) -> None:

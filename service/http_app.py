@@ -17,7 +17,7 @@ from service.dataplane import DataPlane
 from service.errors import ServiceError
 
 logger = logging.getLogger(__name__)
-TORCHSERVE_PREFIXES = ("/predictions", "/ping")
+TORCHSERVE_PREFIXES = ("/predictions", "/explanations", "/ping")
 
 
 def _is_torchserve(request: Request) -> bool:

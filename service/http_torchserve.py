@@ -2,6 +2,8 @@
 
 ``POST /predictions/{model}[/{version}]`` with the image as the raw body (or a multipart field)
 answers ``{"label": probability, ...}`` like TorchServe's image classifier; ``GET /ping``.
+``POST /explanations/{model}[/{version}]`` answers the Grad-CAM heatmap of the predicted class as a
+grayscale PNG, or as a JSON array of rows in [0, 1] with ``?format=json`` (or ``Accept: application/json``).
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
+from service.explain import heatmap_png
 from service.http_v2 import bearer_token, read_body, request_deadline
 
 MULTIPART = "multipart/form-data"
@@ -57,7 +60,29 @@ def build_router(plane: DataPlane) -> APIRouter:
     async def predictions_version(model: str, version: str, request: Request) -> Any:
         return await _predict(plane, request, model, version)
 
+    @router.post("/explanations/{model}")
+    async def explanations(model: str, request: Request) -> Response:
+        return await _explain(plane, request, model, None)
+
+    @router.post("/explanations/{model}/{version}")
+    async def explanations_version(model: str, version: str, request: Request) -> Response:
+        return await _explain(plane, request, model, version)
+
     return router
+
+
+async def _explain(plane: DataPlane, request: Request, model: str, version: str | None) -> Response:
+    plane.check_inference_token(bearer_token(request))
+    wanted = request.query_params.get("format") or (
+        "json" if "application/json" in request.headers.get("accept", "") else "png"
+    )
+    if wanted not in ("png", "json"):
+        raise InvalidInput(f"format={wanted!r}: choose png (default) or json")
+    image = await image_from_request(request, plane.settings.max_payload_bytes)
+    heatmap = await plane.explain(model, version, image)
+    if wanted == "json":
+        return JSONResponse(heatmap.round(4).tolist())
+    return Response(heatmap_png(heatmap), media_type="image/png")
 
 
 async def _predict(plane: DataPlane, request: Request, model: str, version: str | None) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -36,6 +37,8 @@ def request_deadline(request: Request, parameters: dict[str, Any], default_s: fl
     seconds: float | None = None
     try:
         if "timeout" in parameters:
+            if isinstance(parameters["timeout"], bool):
+                raise TypeError("true/false is not a number of microseconds")
             seconds = float(parameters["timeout"]) / 1e6
         elif TIMEOUT_HEADER in request.headers:
             seconds = float(request.headers[TIMEOUT_HEADER]) / 1e3
@@ -43,8 +46,8 @@ def request_deadline(request: Request, parameters: dict[str, Any], default_s: fl
         raise InvalidInput(f"invalid timeout: {exc}") from exc
     if seconds is None and default_s > 0:
         seconds = default_s
-    if seconds is not None and seconds <= 0:
-        raise InvalidInput("timeout must be positive")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):  # NaN would corrupt the timer heap
+        raise InvalidInput("timeout must be positive and finite")
     return None if seconds is None else time.monotonic() + seconds
 
 
@@ -130,8 +133,10 @@ def parse_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a 'name'")
         params = item.get("parameters") or {}
-        k = params.get("classification", 0) if isinstance(params, dict) else 0
-        if not isinstance(k, int) or k < 0:
+        if not isinstance(params, dict):
+            raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
+        k = params.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InvalidInput(f"output '{item['name']}': classification must be a non-negative integer")
         outputs.append(RequestedOutput(item["name"], k, dict(params)))
     return outputs

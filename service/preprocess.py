@@ -44,15 +44,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             _check_size(image, max_pixels, source)
             image.load()
+            return to_rgb(image)  # inside: a damaged EXIF block fails here, in exif_transpose
     except (PayloadTooLarge, InvalidInput):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{source}: image too large to decode ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise InvalidInput(f"{source}: not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, Warning) as exc:  # Warning: where warnings are errors
         raise InvalidInput(f"{source}: corrupt or truncated image ({exc})") from exc
-    return to_rgb(image)
 
 
 def _check_size(image: Image.Image, max_pixels: int, source: str) -> None:

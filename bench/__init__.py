@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` measures serving and training and writes BENCHMARKS.md."""

@@ -1,0 +1,419 @@
+"""Render BENCHMARKS.md from the results dictionary (the same that is saved as bench/results.json).
+
+Everything printed is computed from the results, except ``bench/analysis.md`` (profiles and
+proposed fixes, written by hand), which is appended as it is when present.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.serving import parse_config
+
+ANALYSIS = Path(__file__).resolve().with_name("analysis.md")
+GOAL_CONCURRENCY = 8
+TORCHSERVE = "torchserve"
+BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "torchscript": "TorchScript"}
+
+
+def describe(results: dict[str, Any], server: str) -> str:
+    """A server label in words: ``ours-ort-b8`` -> "ours, ONNX Runtime, batch ≤ 8"."""
+    plan = results.get("serving", {}).get("plan", {})
+    if server == TORCHSERVE:
+        batch, delay = plan.get("ts_batch_size", "?"), plan.get("ts_max_batch_delay_ms", "?")
+        return f"TorchServe 0.12, TorchScript .mar, batch {batch} / {delay} ms"
+    backend, size = parse_config(server)
+    return f"ours, {BACKEND_NAMES[backend]}, batch {'≤ ' if size > 1 else ''}{size}"
+
+
+def backend_of(server: str) -> str:
+    return parse_config(server)[0] if server != TORCHSERVE else "torchscript"
+
+
+ANCHORS = """\
+Measured before this harness existed (from the issue; other runs, not comparable to the table above
+except as orders of magnitude):
+
+- ResNet-18 224 px on this kind of 2-core CPU: raw ONNX Runtime 56-61 img/s, frozen TorchScript
+  45-60 img/s, eager PyTorch 36-40 img/s; TorchServe 0.12 TorchScript batch 8 / 50 ms 34.8 req/s at
+  concurrency 8, single request 33-38 ms.
+- GPU (public figures): Triton on A100, ResNet-50 FP16, 4,894 img/s at concurrency 96 with p99
+  22.8 ms; MLPerf Inference H100 ResNet-50 INT8 TensorRT (offline) 88,714 img/s; ResNet-50 AMP
+  training on A100 about 2,470 img/s.
+"""
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- looking up figures -----------------------------------------------------------------------
+def points(results: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
+    found = results.get("serving", {}).get("points", [])
+    return [p for p in found if all(p.get(k) == v for k, v in match.items())]
+
+
+def closed(results: dict[str, Any], server: str, protocol: str, concurrency: int) -> dict[str, float] | None:
+    """Median over rounds of one closed-loop point's figures, or None when not measured."""
+    found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
+    if not found:
+        return None
+    keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu_ms_per_request", "other_load_cores")
+    return {k: statistics.median(float(p[k]) for p in found) for k in keys}
+
+
+def raw_timing(results: dict[str, Any], backend: str, batch: int) -> dict[str, Any] | None:
+    for timing in results.get("raw", {}).get("backends", []):
+        if timing["name"] == backend and timing["batch"] == batch:
+            return dict(timing)
+    return None
+
+
+def val(figures: dict[str, Any] | None, key: str) -> float | None:
+    """``figures[key]`` as a float, None when the figures were not measured."""
+    return None if figures is None else float(figures[key])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# ---- sections ---------------------------------------------------------------------------------
+def header(results: dict[str, Any]) -> str:
+    m, v, opts = results["machine"], results["versions"], results["options"]
+    model = results.get("model", {})
+    pre = model.get("manifest", {}).get("preprocess", {})
+    gpu = m.get("gpu") or "none (CPU only)"
+    lines = [
+        "# Benchmarks\n",
+        "Regenerate (writes this file and `bench/results.json`):\n",
+        f"```bash\n. .venv/bin/activate && {results['command']}\n```\n",
+        f"- Date: {results['started']} to {results.get('finished', '?')} (UTC)",
+        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), "
+        f"{m['memory_gib']} GiB RAM, GPU: {gpu}, Linux {m['kernel']}",
+        f"- Load average (1/5/15 min) at start {_load(m.get('load_average'))}, "
+        f"at end {_load(m.get('load_average_end'))}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- Model: `{model.get('name')}` ({opts['backbone'] if not opts.get('store') else 'given store'}, "
+        f"random weights; input {pre.get('crop')} px after resize {pre.get('resize')}), package formats "
+        f"{', '.join(model.get('manifest', {}).get('formats', {}))}",
+        f"- Payloads: the {model.get('images')} real JPEGs of `finetune/demo_data` (256×256, ~8.5 KB), one per "
+        "request, cycled",
+    ]
+    if opts.get("note"):
+        lines.append(f"- Note: {opts['note']}")
+    lines.append(_contention(results))
+    return "\n".join(lines) + "\n"
+
+
+def _load(values: list[float] | None) -> str:
+    return " / ".join(f"{x:.2f}" for x in values) if values else "?"
+
+
+def _contention(results: dict[str, Any]) -> str:
+    loads = [p["other_load_cores"] for p in results.get("serving", {}).get("points", [])]
+    if not loads:
+        return ""
+    cores = results["machine"]["usable_cpus"]
+    return (
+        f"- Other work on the machine during the serving points (busy CPU not used by the servers or the load "
+        f"generator): median {statistics.median(loads):.2f}, max {max(loads):.2f} of {cores} cores. Every "
+        "comparison below is between figures measured in this same run, interleaved point by point."
+    )
+
+
+def goals(results: dict[str, Any]) -> str:
+    c = GOAL_CONCURRENCY
+    ours_ts = closed(results, "ours-ort-b8", "ts-http", c)
+    theirs = closed(results, TORCHSERVE, "ts-http", c)
+    ours_v2 = closed(results, "ours-ort-b8", "v2-http", c)
+    raw8 = raw_timing(results, "onnxruntime", 8)
+    vs_ts = ratio(val(ours_ts, "throughput"), val(theirs, "throughput"))
+    vs_raw = ratio(val(ours_v2, "throughput"), val(raw8, "items_per_second"))
+    over = overhead(results, "ours-ort-b8", "v2-http", "onnxruntime")
+    rss = _peak(results, "ours-ort-b8")
+    wait = max((r["data_wait_fraction"] for r in results.get("training", [])), default=None)
+    rows = [
+        _goal(f"served throughput / TorchServe, /predictions, c={c}", "≥ 1.5×", vs_ts, lambda x: x >= 1.5, "×", 2),
+        _goal(
+            f"served throughput (v2 HTTP) / raw ONNX Runtime batch 8, c={c}",
+            "≥ 0.85×",
+            vs_raw,
+            lambda x: x >= 0.85,
+            "×",
+            2,
+        ),
+        _goal(
+            "p50 overhead at c=1 (v2 HTTP), decode+preprocess excluded",
+            "≤ 3 ms",
+            val(over, "server"),
+            lambda x: x <= 3.0,
+            " ms",
+            1,
+        ),
+        _goal("… the same with decode+preprocess included", "(for reference)", val(over, "total"), None, " ms", 1),
+        _goal("server peak RSS, one model, ONNX Runtime backend", "≤ 400 MiB", rss, lambda x: x <= 400, " MiB", 0),
+        _goal(
+            "data-loading wait, share of training step time (worst run)",
+            "< 10 %",
+            None if wait is None else 100 * wait,
+            lambda x: x < 10,
+            " %",
+            1,
+        ),
+    ]
+    return "## Goals\n\n" + table(["goal", "target", "measured", "met"], rows)
+
+
+def _goal(
+    name: str, target: str, value: float | None, check: Callable[[float], bool] | None, unit: str, digits: int
+) -> list[str]:
+    if value is None:
+        return [name, target, "not measured", "–"]
+    verdict = "–" if check is None else ("**met**" if check(value) else "**not met**")
+    return [name, target, f"{fmt(value, digits)}{unit}", verdict]
+
+
+def _peak(results: dict[str, Any], server: str) -> float | None:
+    for entry in results.get("serving", {}).get("memory_after_load", []):
+        if entry["server"] == server:
+            return float(entry["peak_rss_mib_total"])
+    return None
+
+
+def overhead(results: dict[str, Any], server: str, protocol: str, backend: str) -> dict[str, float] | None:
+    point, raw1 = closed(results, server, protocol, 1), raw_timing(results, backend, 1)
+    pre = results.get("raw", {}).get("preprocess")
+    if point is None or raw1 is None or pre is None:
+        return None
+    total = point["p50_ms"] - raw1["p50_ms"]
+    return {"p50": point["p50_ms"], "raw": raw1["p50_ms"], "pre": pre["p50_ms"], "total": total,
+            "server": total - pre["p50_ms"]}  # fmt: skip
+
+
+def raw_section(results: dict[str, Any]) -> str:
+    raw = results.get("raw")
+    if not raw:
+        return ""
+    rows = [
+        [t["name"], str(t["batch"]), fmt(t["p50_ms"], 2), fmt(t["p95_ms"], 2), fmt(t["items_per_second"])]
+        for t in raw["backends"]
+    ]
+    pre = raw["preprocess"]
+    rows.append(["decode + preprocess (`service.preprocess.preprocess_bytes`, 1 thread)", "1", fmt(pre["p50_ms"], 2),
+                 fmt(pre["p95_ms"], 2), fmt(pre["items_per_second"])])  # fmt: skip
+    return (
+        "## Raw backends, no server (the ceiling)\n\n"
+        "`service.backends`' own classes with the server's defaults, on batches of the same JPEGs preprocessed "
+        "as the server does; one call at a time.\n\n"
+        + table(["backend", "batch", "p50 ms / call", "p95 ms / call", "images/s"], rows)
+    )
+
+
+def _served(results: dict[str, Any]) -> list[tuple[str, str]]:
+    seen: dict[tuple[str, str], None] = {}
+    for p in points(results, mode="closed"):
+        seen[(p["server"], p["protocol"])] = None
+    return list(seen)
+
+
+def serving_section(results: dict[str, Any]) -> str:
+    plan = results.get("serving", {}).get("plan")
+    if not plan:
+        return ""
+    levels = plan["concurrency"]
+    rows_t, rows_l = [], []
+    for server, protocol in _served(results):
+        figures = [closed(results, server, protocol, c) for c in levels]
+        name = f"{describe(results, server)} · `{protocol}`"
+        rows_t.append([name] + [fmt(val(f, "throughput")) for f in figures] + [_errors(figures)])
+        rows_l.append([name] + [f"{fmt(val(f, 'p50_ms'))} / {fmt(val(f, 'p99_ms'))}" for f in figures])
+    intro = (
+        f"## Serving: closed loop\n\nEach point: {plan['warmup_s']:g} s warm-up, then {plan['duration_s']:g} s "
+        f"measured, {plan['repeats']} round(s), interleaved server by server (median of rounds). One JPEG per "
+        "request; our load generator (`bench/loadgen.py`, asyncio + httpx / grpc.aio) on the same machine. "
+        "`v2-http`: Open Inference Protocol, binary BYTES tensor in, binary probabilities out; `v2-grpc`: "
+        "`ModelInfer`; `ts-http`: TorchServe's `POST /predictions/{model}`, top-5 JSON out.\n\n"
+        "Throughput (requests/s = images/s):\n\n"
+    )
+    conc = [f"c={c}" for c in levels]
+    return (
+        intro
+        + table(["server · protocol", *conc, "errors"], rows_t)
+        + "\nLatency p50 / p99 (ms):\n\n"
+        + table(["server · protocol", *conc], rows_l)
+        + _cpu_table(results)
+    )
+
+
+def _errors(figures: list[dict[str, float] | None]) -> str:
+    return str(int(sum(f["errors"] for f in figures if f)))
+
+
+def _cpu_table(results: dict[str, Any]) -> str:
+    c = GOAL_CONCURRENCY
+    rows = []
+    for server, protocol in _served(results):
+        f = closed(results, server, protocol, c)
+        if f:
+            rows.append([f"{describe(results, server)} · `{protocol}`", fmt(f["server_cpu_ms_per_request"]),
+                         fmt(f["other_load_cores"], 2)])  # fmt: skip
+    return (
+        f"\nServer CPU time per request at c={c} (all its processes and threads; TorchServe: java + worker), and "
+        "the cores other work used meanwhile:\n\n"
+        + table(["server · protocol", "CPU ms / request", "other load (cores)"], rows)
+    )
+
+
+def ratios_section(results: dict[str, Any]) -> str:
+    c = GOAL_CONCURRENCY
+    theirs = closed(results, TORCHSERVE, "ts-http", c)
+    rows = []
+    for server, protocol in _served(results):
+        if server == TORCHSERVE:
+            continue
+        f = closed(results, server, protocol, c)
+        backend = backend_of(server)
+        raw8 = raw_timing(results, backend, 8)
+        rows.append([
+            f"{describe(results, server)} · `{protocol}`",
+            fmt(val(f, "throughput")),
+            fmt(ratio(val(f, "throughput"), val(theirs, "throughput")), 2),
+            f"{fmt(ratio(val(f, 'throughput'), val(raw8, 'items_per_second')), 2)} (raw {backend} batch 8)",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    base = f"{fmt(theirs['throughput'])} req/s" if theirs else "not measured"
+    return f"## Ratios at concurrency {c}\n\nTorchServe `/predictions` at c={c}: {base}.\n\n" + table(
+        ["ours", "req/s", "÷ TorchServe", "÷ raw backend"], rows
+    )
+
+
+def overhead_section(results: dict[str, Any]) -> str:
+    rows = []
+    for server, protocol in _served(results):
+        if server != TORCHSERVE and (o := overhead(results, server, protocol, backend_of(server))):
+            name = f"{describe(results, server)} · `{protocol}`"
+            rows.append([name, *(fmt(o[k], 2) for k in ("p50", "raw", "total", "pre", "server"))])
+    theirs = closed(results, TORCHSERVE, "ts-http", 1)
+    if theirs:
+        raw1 = raw_timing(results, "torchscript", 1)
+        total = theirs["p50_ms"] - raw1["p50_ms"] if raw1 else None
+        pre = results["raw"]["preprocess"]["p50_ms"]
+        name = f"{describe(results, TORCHSERVE)} · `ts-http`"
+        rows.append([name, fmt(theirs["p50_ms"], 2), fmt(val(raw1, "p50_ms"), 2), fmt(total, 2), fmt(pre, 2),
+                     fmt(None if total is None else total - pre, 2)])  # fmt: skip
+    if not rows:
+        return ""
+    return (
+        "## Latency overhead at concurrency 1\n\nOne request at a time: served p50 minus the raw backend's "
+        "batch-1 p50; of that, decode + preprocess of one JPEG (measured alone), and the rest (protocol, "
+        "framework, queue, thread hand-offs).\n\n"
+        + table(
+            ["server · protocol", "served p50 ms", "raw b1 p50 ms", "overhead ms", "decode+preprocess ms", "rest ms"],
+            rows,
+        )
+    )
+
+
+def open_section(results: dict[str, Any]) -> str:
+    found = points(results, mode="open")
+    if not found:
+        return ""
+    rows = [
+        [f"{describe(results, p['server'])} · `{p['protocol']}`", fmt(p["throughput"]), fmt(p["p50_ms"]),
+         fmt(p["p95_ms"]), fmt(p["p99_ms"]), str(p["errors"]), str(p["dropped"])]
+        for p in found
+    ]  # fmt: skip
+    rate = found[0]["rate"]
+    return (
+        f"## Serving: open loop at {rate:g} requests/s\n\nPoisson arrivals (seeded) for "
+        f"{results['serving']['plan']['duration_s']:g} s, whatever the answers do; latency counted from each "
+        "request's scheduled arrival; at most 256 in flight (more are dropped and counted). The rate is half "
+        "the best raw batch-8 throughput unless `--open-rate` says otherwise.\n\n"
+        + table(["server · protocol", "answered/s", "p50 ms", "p95 ms", "p99 ms", "errors", "dropped"], rows)
+    )
+
+
+def memory_section(results: dict[str, Any]) -> str:
+    serving = results.get("serving", {})
+    ready = {m["server"]: m for m in serving.get("memory_ready", [])}
+    rows = []
+    for entry in serving.get("memory_after_load", []):
+        before = {p["pid"]: p for p in ready.get(entry["server"], {}).get("processes", [])}
+        for proc in entry["processes"]:
+            start = before.get(proc["pid"], {})
+            rows.append([describe(results, entry["server"]), proc["command"],
+                         fmt(start.get("peak_rss_mib"), 0), fmt(proc["peak_rss_mib"], 0),
+                         "yes" if proc["libtorch_mapped"] else "no"])  # fmt: skip
+    if not rows:
+        return ""
+    left = {k: v for k, v in serving.get("left_running", {}).items() if v}
+    killed = {k: v for k, v in serving.get("killed_at_stop", {}).items() if v}
+    tail = (
+        f"\nProcesses left running after the stop: {left or 'none'}; killed after a graceful stop failed: "
+        f"{killed or 'none'}.\n"
+    )
+    return (
+        "## Memory\n\nPeak resident set (`VmHWM` from `/proc/<pid>/status`) once ready, and after the whole sweep; "
+        "`libtorch` mapped: whether `/proc/<pid>/maps` holds torch's native library (an ONNX-only server "
+        "must not import torch).\n\n"
+        + table(["server", "process", "peak RSS ready (MiB)", "peak RSS after load (MiB)", "libtorch mapped"], rows)
+        + tail
+    )
+
+
+def training_section(results: dict[str, Any]) -> str:
+    runs = results.get("training", [])
+    if not runs:
+        return ""
+    rows = [
+        [r["backbone"], r["mode"], f"{r['img_size']} px", str(r["train_images"]), str(r["batch_size"]),
+         str(r["workers"]), fmt(r["images_per_second"], 2), fmt(100 * r["data_wait_fraction"], 1),
+         fmt(r["wall_seconds"], 0)]
+        for r in runs
+    ]  # fmt: skip
+    device = runs[0]["device"]
+    return (
+        f"## Training (`finetune`, {device})\n\nOne epoch, `--weights none` (random init: speed only), default "
+        "augmentation, real JPEGs from `finetune/demo_data` split 70/15/15; images/s and data wait as "
+        "`finetune` itself records them in the run's `history.json` (wait = time blocked on the DataLoader / "
+        "epoch time; the first batch includes starting the worker processes). Wall time is the whole command "
+        "(setup, epoch, validation, test, export and its checks, publish).\n\n"
+        + table(["backbone", "mode", "input", "images", "batch", "workers", "images/s", "data wait %", "wall s"], rows)
+    )
+
+
+def gpu_section(results: dict[str, Any]) -> str:
+    gpu = results["machine"].get("gpu")
+    state = (
+        f"This run had a GPU ({gpu})."
+        if gpu
+        else "**There was no GPU on this machine: no GPU figure of ours is reported.** "
+        "`bench/gpu.sh` is ready for a GPU host (a few minutes): ResNet-50 served JPEG-in at high concurrency "
+        "(throughput, p99), the raw backend (FP32 and FP16), and `finetune` with AMP and channels_last."
+    )
+    return f"## GPU\n\n{state}\n\n{ANCHORS}"
+
+
+def render(results: dict[str, Any]) -> str:
+    sections = [
+        header(results), goals(results), ratios_section(results), serving_section(results), open_section(results),
+        overhead_section(results), raw_section(results), memory_section(results), training_section(results),
+        gpu_section(results),
+    ]  # fmt: skip
+    if ANALYSIS.is_file():
+        sections.append(ANALYSIS.read_text(encoding="utf-8"))
+    return "\n".join(s for s in sections if s)

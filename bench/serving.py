@@ -1,0 +1,213 @@
+"""The serving sweep: every server up at once, then the points interleaved server by server.
+
+Interleaving (rather than one server's whole sweep after another's) exposes every server to the
+same background load, so the ratios between them hold even on a busy machine. Around each point
+the server's own CPU time and the machine's busy time are sampled: CPU per request, and how many
+cores something else was using meanwhile.
+
+    servers = start_servers(plan, store=store, package_dir=pkg, work=tmp)
+    try:
+        points = asyncio.run(sweep(servers, images, plan))
+    finally:
+        stop_servers(servers)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.clients import make_client
+from bench.loadgen import LoadResult, closed_loop, open_loop
+from bench.servers import Running, start_ours, start_torchserve
+
+logger = logging.getLogger(__name__)
+
+# ours-<ort|ts>-b<max batch size>: batching on (8) and off (1), each backend
+DEFAULT_CONFIGS = ("ours-ort-b8", "ours-ort-b1", "ours-ts-b8", "ours-ts-b1")
+BACKENDS = {"ort": "onnxruntime", "ts": "torchscript"}
+TORCHSERVE = "torchserve"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure."""
+
+    configs: tuple[str, ...]  # ours-<ort|ts>-b<N>, see parse_config
+    torchserve: bool
+    protocols: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    duration_s: float
+    warmup_s: float
+    repeats: int
+    open_rate: float  # arrivals per second; 0 skips the open-loop points
+    open_protocols: tuple[str, ...]
+    open_servers: tuple[str, ...] = ("ours-ort-b8", "ours-ts-b8", TORCHSERVE)
+    device: str = "cpu"
+    ts_batch_size: int = 8
+    ts_max_batch_delay_ms: int = 50
+    timeout_s: float = 30.0
+    serve_args: tuple[str, ...] = ()  # more flags for every ``serve``, e.g. --decode-workers 12
+
+
+def parse_config(label: str) -> tuple[str, int]:
+    """``ours-ort-b8`` -> ("onnxruntime", 8): our server's backend and max batch size."""
+    match = re.fullmatch(r"ours-(ort|ts)-b([1-9][0-9]*)", label)
+    if match is None:
+        raise ValueError(f"server configuration {label!r} is not ours-<ort|ts>-b<max batch size>")
+    return BACKENDS[match[1]], int(match[2])
+
+
+def start_servers(plan: Plan, *, store: Path, package_dir: Path, model: str, work: Path) -> list[Running]:
+    """Start every server of the plan (each waits until ready); on failure stop those already up."""
+    servers: list[Running] = []
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for label in plan.configs:
+            backend, batch = parse_config(label)
+            extra = ("--device", plan.device, *plan.serve_args)
+            servers.append(
+                start_ours(
+                    store, model=model, backend=backend, max_batch_size=batch, work=work, label=label, extra=extra
+                )
+            )
+            logger.info("started %s (pid %d)", label, servers[-1].root_pid)
+        if plan.torchserve:
+            ts_work = work / "torchserve"
+            ts_work.mkdir(parents=True, exist_ok=True)
+            servers.append(
+                start_torchserve(
+                    package_dir,
+                    work=ts_work,
+                    batch_size=plan.ts_batch_size,
+                    max_batch_delay_ms=plan.ts_max_batch_delay_ms,
+                )
+            )
+            logger.info("started TorchServe (java pid %d)", servers[-1].root_pid)
+    except BaseException:
+        stop_servers(servers)
+        raise
+    return servers
+
+
+def stop_servers(servers: list[Running]) -> dict[str, list[int]]:
+    """Stop every server; returns, per server, the pids that had to be killed (normally none)."""
+    killed = {}
+    for server in servers:
+        killed[server.label] = server.stop()
+        logger.info("stopped %s", server.label)
+    return killed
+
+
+def memory(server: Running) -> dict[str, Any]:
+    """Peak and current RSS of each process of the server, and whether torch's library is mapped."""
+    processes = []
+    for pid in server.pids():
+        processes.append(
+            {
+                "pid": pid,
+                "command": procs.command_name(pid),
+                "peak_rss_mib": procs.peak_rss_mib(pid),
+                "rss_mib": procs.rss_mib(pid),
+                "libtorch_mapped": procs.maps_library(pid, "libtorch"),
+            }
+        )
+    return {
+        "server": server.label,
+        "processes": processes,
+        "peak_rss_mib_total": sum(p["peak_rss_mib"] for p in processes),
+    }
+
+
+async def measure(
+    server: Running, protocol: str, images: list[bytes], plan: Plan, *, concurrency: int, rate: float
+) -> dict[str, Any]:
+    """One point: warm up, then a closed loop at ``concurrency`` (or an open loop at ``rate``)."""
+    client = make_client(protocol, server.endpoint, model=server.model, images=images, concurrency=max(concurrency, 1))
+    try:
+        if plan.warmup_s > 0:
+            await closed_loop(
+                client.send,
+                concurrency=max(concurrency, 1),
+                duration_s=plan.warmup_s,
+                warmup_s=0,
+                timeout_s=plan.timeout_s,
+            )
+        pids = server.pids()
+        server_cpu, busy, start = procs.cpu_seconds(pids), procs.system_busy_seconds(), time.perf_counter()
+        if rate > 0:
+            result = await open_loop(client.send, rate=rate, duration_s=plan.duration_s, timeout_s=plan.timeout_s)
+        else:
+            result = await closed_loop(
+                client.send, concurrency=concurrency, duration_s=plan.duration_s, warmup_s=0, timeout_s=plan.timeout_s
+            )
+        seconds = time.perf_counter() - start
+        server_cpu = procs.cpu_seconds(pids) - server_cpu
+        busy = procs.system_busy_seconds() - busy
+    finally:
+        await client.aclose()
+    return _point(server, protocol, result, server_cpu=server_cpu, busy=busy, seconds=seconds)
+
+
+def _point(
+    server: Running, protocol: str, result: LoadResult, *, server_cpu: float, busy: float, seconds: float
+) -> dict[str, Any]:
+    client_cores = result.client_cpu
+    server_cores = server_cpu / seconds if seconds > 0 else 0.0
+    point = {"server": server.label, "kind": server.kind, "protocol": protocol, **result.to_dict()}
+    point["server_cpu_cores"] = server_cores
+    point["server_cpu_ms_per_request"] = 1000.0 * server_cpu / result.requests if result.requests else float("nan")
+    point["other_load_cores"] = max(0.0, busy / seconds - server_cores - client_cores) if seconds > 0 else 0.0
+    if result.errors:
+        logger.warning("%s %s: %d errors, first: %s", server.label, protocol, result.errors, result.first_error)
+    return point
+
+
+def _targets(
+    servers: list[Running], protocols: tuple[str, ...], only: tuple[str, ...] | None = None
+) -> list[tuple[Running, str]]:
+    return [
+        (server, protocol)
+        for protocol in protocols
+        for server in servers
+        if protocol in server.protocols and (only is None or server.label in only)
+    ]
+
+
+async def sweep(
+    servers: list[Running], images: list[bytes], plan: Plan, *, between: Callable[[], object] | None = None
+) -> list[dict[str, Any]]:
+    """Closed-loop points (every concurrency, protocol and server, ``repeats`` rounds), then open-loop ones.
+
+    ``between`` (e.g. a round of raw backend timings) runs after each concurrency level's points,
+    while the servers idle.
+    """
+    points = []
+    for round_ in range(plan.repeats):
+        for concurrency in plan.concurrency:
+            for server, protocol in _targets(servers, plan.protocols):
+                point = await measure(server, protocol, images, plan, concurrency=concurrency, rate=0.0)
+                points.append(point | {"round": round_})
+                logger.info(
+                    "%-12s %-8s c=%-3d %7.1f req/s  p50 %6.1f ms  p99 %6.1f ms  errors %d",
+                    server.label, protocol, concurrency, point["throughput"], point["p50_ms"], point["p99_ms"],
+                    point["errors"],
+                )  # fmt: skip
+            if between is not None:
+                between()
+        if plan.open_rate > 0:
+            for server, protocol in _targets(servers, plan.open_protocols, plan.open_servers):
+                point = await measure(server, protocol, images, plan, concurrency=0, rate=plan.open_rate)
+                points.append(point | {"round": round_})
+                logger.info(
+                    "%-12s %-8s open %.1f/s: %7.1f req/s  p50 %6.1f ms  p99 %6.1f ms  dropped %d",
+                    server.label, protocol, plan.open_rate, point["throughput"], point["p50_ms"], point["p99_ms"],
+                    point["dropped"],
+                )  # fmt: skip
+    return points
