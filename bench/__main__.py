@@ -73,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--open-rate", type=float, help="open-loop arrivals/s (default: half the raw ceiling; 0: off)")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
     serve.add_argument("--raw-duration", type=float, default=4.0, help="seconds per raw backend measurement")
+    serve.add_argument("--raw-fp16", action="store_true", help="also time the TorchScript model cast to FP16 (GPU)")
     train = parser.add_argument_group("training")
     train.add_argument("--skip-training", action="store_true")
     train.add_argument("--train-backbones", type=_csv, default=("resnet18", "resnet50"))
@@ -96,6 +97,7 @@ class Options:
     device: str
     plan: serving.Plan
     raw_duration: float
+    raw_fp16: bool
     open_rate: float | None
     training: bool
     train_backbones: tuple[str, ...]
@@ -127,7 +129,7 @@ def resolve(args: argparse.Namespace) -> Options:
     )
     options = Options(
         store=str(args.store) if args.store else None, model=args.model, backbone=args.backbone,
-        img_size=args.img_size, device=args.device, plan=plan, raw_duration=args.raw_duration,
+        img_size=args.img_size, device=args.device, plan=plan, raw_duration=args.raw_duration, raw_fp16=args.raw_fp16,
         open_rate=args.open_rate, training=not args.skip_training, train_backbones=tuple(args.train_backbones),
         train_images_per_class=args.train_images_per_class, train_copies=args.train_copies,
         train_batch_size=args.train_batch_size, train_workers=args.train_workers, note=args.note,
@@ -177,6 +179,7 @@ def _training_data(options: Options, work: Path) -> Path:
 def _sampler(options: Options, package_dir: Path, images: list[bytes]) -> raw.RawSampler:
     """The raw backends of the configured servers (ONNX Runtime when none), at batch 1 and 8."""
     backends = tuple(dict.fromkeys(serving.parse_config(c)[0] for c in options.plan.configs)) or ("onnxruntime",)
+    backends += ("torchscript-fp16",) if options.raw_fp16 else ()
     return raw.RawSampler(
         package_dir, images, backends=backends, duration_s=options.raw_duration, device=options.device
     )

@@ -80,7 +80,7 @@ class HalfTorchScript:
         import torch
 
         self._device = torch.device(device)
-        self._module = torch.jit.load(str(path), map_location=self._device).half().eval()
+        self._module = torch.jit.load(str(path), map_location=self._device).half().eval()  # type: ignore[no-untyped-call]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         import torch

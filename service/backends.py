@@ -138,9 +138,10 @@ def _device_index(device: str) -> int:
 
 
 def _onnxruntime_has_cuda() -> bool:
+    """onnxruntime-gpu lists its CUDA provider even without a driver: require the driver too."""
     import onnxruntime as ort
 
-    return _CUDA_EP in ort.get_available_providers()
+    return _CUDA_EP in ort.get_available_providers() and any(hint.exists() for hint in _NVIDIA_HINTS)
 
 
 def _torch_has_cuda() -> bool:

@@ -27,6 +27,7 @@ _RESAMPLING = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+MAX_RESIZED_PIXELS = 16_000_000  # above it, resize_and_crop resizes only the region its crop keeps
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
@@ -82,17 +83,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_and_crop(image: Image.Image, spec: Preprocess) -> Image.Image:
     """Resize the shorter side to ``spec.resize`` (aspect kept), then center-crop ``spec.crop``.
 
-    Matches torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images.
+    Matches torchvision's ``Resize(int)`` + ``CenterCrop`` on PIL images. An extreme aspect ratio
+    (a 1x4000 strip resizes to 182x728000) resizes only the region the crop keeps, within a few
+    levels of the full resize: resizing all of it would cost gigabytes for a few bytes of PNG.
     """
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = spec.resize, int(spec.resize * long / short)
     size = (new_short, new_long) if width <= height else (new_long, new_short)
+    left = round((size[0] - spec.crop) / 2.0)
+    top = round((size[1] - spec.crop) / 2.0)
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        scale_x, scale_y = width / size[0], height / size[1]
+        box = (left * scale_x, top * scale_y, (left + spec.crop) * scale_x, (top + spec.crop) * scale_y)
+        return image.resize((spec.crop, spec.crop), _RESAMPLING[spec.interpolation], box=box)
     if size != image.size:
         image = image.resize(size, _RESAMPLING[spec.interpolation])
-    width, height = image.size
-    left = round((width - spec.crop) / 2.0)
-    top = round((height - spec.crop) / 2.0)
     return image.crop((left, top, left + spec.crop, top + spec.crop))
 
 

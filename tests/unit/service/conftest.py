@@ -3,7 +3,8 @@
 ``tiny_export`` trains nothing: it builds a small CNN (Conv2d -> AdaptiveAvgPool -> Flatten -> Linear,
 3 classes), exports it to TorchScript and ONNX with ``finetune.export.export_and_check`` (which loads
 both back and compares them with the eager model) once per session. ``tiny_store`` publishes it with
-``finetune.publish.publish_package`` into a fresh store per test, so a test may tamper with its copy.
+``finetune.publish.publish_package`` into a fresh store per test, so a test may tamper with its copy;
+``shared_tiny_store`` is one store per module, for tests that only read it.
 """
 
 from __future__ import annotations
@@ -91,15 +92,25 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
     return TinyExport(export_dir, spec)
 
 
-@pytest.fixture
-def tiny_store(tmp_path: Path, tiny_export: TinyExport) -> TinyStore:
-    """A fresh store with the tiny model published as version 1."""
+def _publish_store(root: Path, export: TinyExport) -> TinyStore:
     from finetune.publish import publish_package
 
-    store = tmp_path / "store"
-    published = publish_package(tiny_export.spec, export_dir=tiny_export.export_dir, store=store, formats=FORMATS)
+    store = root / "store"
+    published = publish_package(export.spec, export_dir=export.export_dir, store=store, formats=FORMATS)
     assert published == store / TINY / "1"
-    return TinyStore(store, tiny_export)
+    return TinyStore(store, export)
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path, tiny_export: TinyExport) -> TinyStore:
+    """A fresh store with the tiny model published as version 1: the test may change it."""
+    return _publish_store(tmp_path, tiny_export)
+
+
+@pytest.fixture(scope="module")
+def shared_tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_export: TinyExport) -> TinyStore:
+    """Like ``tiny_store``, one per test module, for tests that only read it (and module-scoped servers)."""
+    return _publish_store(tmp_path_factory.mktemp("shared"), tiny_export)
 
 
 def png_bytes(seed: int, *, width: int = 40, height: int = 48) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -66,6 +66,32 @@ def _infer(settings: Settings, request: InferRequest) -> Any:
     return _run(settings, body)
 
 
+class LivePlane:
+    """A data plane over ``shared_tiny_store`` on an event loop kept for the whole module."""
+
+    def __init__(self, plane: DataPlane, loop: asyncio.AbstractEventLoop, folder: Path) -> None:
+        self.plane, self.loop, self.folder = plane, loop, folder
+
+    def infer(self, request: InferRequest) -> Any:
+        return self.loop.run_until_complete(self.plane.infer(request))
+
+
+@pytest.fixture(scope="module")
+def live(shared_tiny_store: TinyStore) -> Iterator[LivePlane]:
+    """For the tests that change neither the store nor the plane: one load for all of them."""
+    settings = _settings(shared_tiny_store.store)
+    loop = asyncio.new_event_loop()
+    repository = ModelRepository(settings)
+    loop.run_until_complete(repository.load_all())
+    plane = DataPlane(repository, settings)
+    try:
+        yield LivePlane(plane, loop, shared_tiny_store.folder)
+    finally:
+        loop.run_until_complete(plane.shutdown(timeout=5.0))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
 def _exported_logits(folder: Path, backend: str, batch: np.ndarray) -> np.ndarray:
     from finetune.export import run_onnx, run_torchscript
 
@@ -109,13 +135,11 @@ def test_images_give_the_exported_models_logits_and_probabilities(
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_fp32_input_skips_preprocessing(tiny_store: TinyStore) -> None:
+def test_fp32_input_skips_preprocessing(live: LivePlane) -> None:
     batch = np.random.default_rng(0).standard_normal((2, 3, 32, 32))  # float64: converted, not refused
-    response = _infer(
-        _settings(tiny_store.store), _fp32_request(batch, outputs=[RequestedOutput("logits")], version="1")
-    )
+    response = live.infer(_fp32_request(batch, outputs=[RequestedOutput("logits")], version="1"))
     assert [o.name for o in response.outputs] == ["logits"]
-    expected = _exported_logits(tiny_store.folder, "onnxruntime", batch.astype(np.float32))
+    expected = _exported_logits(live.folder, "onnxruntime", batch.astype(np.float32))
     np.testing.assert_allclose(np.asarray(response.outputs[0].data), expected, atol=1e-5)
 
 
@@ -183,23 +207,23 @@ def _inf_batch() -> np.ndarray:
     ],
 )
 def test_malformed_requests_are_invalid_input_naming_the_problem(
-    tiny_store: TinyStore, request_: InferRequest, message: str
+    live: LivePlane, request_: InferRequest, message: str
 ) -> None:
     before = _requests_counted("invalid")
     with pytest.raises(InvalidInput, match=message) as caught:
-        _infer(_settings(tiny_store.store), request_)
+        live.infer(request_)
     assert type(caught.value) is InvalidInput
     assert _requests_counted("invalid") == before + 1
 
 
-def test_classification_answers_score_index_label_strings(tiny_store: TinyStore, png: PngFactory) -> None:
+def test_classification_answers_score_index_label_strings(live: LivePlane, png: PngFactory) -> None:
     images = [png(4), png(5)]
     outputs = [
         RequestedOutput("probabilities", classification=2),
         RequestedOutput("logits", classification=10),  # more than the 3 classes: clipped
         RequestedOutput("probabilities"),
     ]
-    response = _infer(_settings(tiny_store.store), _images_request(images, outputs=outputs))
+    response = live.infer(_images_request(images, outputs=outputs))
     top2, top_all, probs = response.outputs
     assert (top2.datatype, top2.shape, top_all.datatype, top_all.shape) == ("BYTES", [2, 2], "BYTES", [2, 3])
     probabilities = np.asarray(probs.data)
@@ -224,11 +248,11 @@ def test_classification_strings_helper() -> None:
     assert len(classification_strings(values, ["x", "y", "z"], 9)) == 6
 
 
-def test_a_corrupt_image_is_named_by_its_position(tiny_store: TinyStore, png: PngFactory) -> None:
+def test_a_corrupt_image_is_named_by_its_position(live: LivePlane, png: PngFactory) -> None:
     truncated = png(7)[:60]
     for images, name in (([png(6), b"definitely not an image"], r"image\[1\]"), ([truncated, png(6)], r"image\[0\]")):
         with pytest.raises(InvalidInput, match=name) as caught:
-            _infer(_settings(tiny_store.store), _images_request(images))
+            live.infer(_images_request(images))
         other = r"image\[0\]" if name == r"image\[1\]" else r"image\[1\]"
         assert not re.search(other, caught.value.message)
 
@@ -239,7 +263,7 @@ def test_an_image_over_the_pixel_cap_is_payload_too_large(tiny_store: TinyStore,
 
 
 @pytest.mark.parametrize("kind", ["bytes", "fp32"])
-def test_a_deadline_already_passed_is_deadline_exceeded(tiny_store: TinyStore, png: PngFactory, kind: str) -> None:
+def test_a_deadline_already_passed_is_deadline_exceeded(live: LivePlane, png: PngFactory, kind: str) -> None:
     deadline = time.monotonic() - 0.001
     request = (
         _images_request([png(9)], deadline=deadline)
@@ -248,12 +272,12 @@ def test_a_deadline_already_passed_is_deadline_exceeded(tiny_store: TinyStore, p
     )
     before = _requests_counted("timeout")
     with pytest.raises(DeadlineExceeded, match="deadline passed"):
-        _infer(_settings(tiny_store.store), request)
+        live.infer(request)
     assert _requests_counted("timeout") == before + 1
 
 
-def test_a_generous_deadline_is_met(tiny_store: TinyStore, png: PngFactory) -> None:
-    response = _infer(_settings(tiny_store.store), _images_request([png(9)], deadline=time.monotonic() + 30))
+def test_a_generous_deadline_is_met(live: LivePlane, png: PngFactory) -> None:
+    response = live.infer(_images_request([png(9)], deadline=time.monotonic() + 30))
     assert response.outputs[0].shape == [1, 3]
 
 
@@ -404,7 +428,7 @@ def test_repository_operations_pass_through(tiny_store: TinyStore, png: PngFacto
     strict=True,
     reason="bug: _check_fp32 tests finiteness before the float32 cast; 1e39 becomes inf after it (numpy warns)",
 )
-def test_fp32_values_beyond_float32_range_are_refused(tiny_store: TinyStore) -> None:
+def test_fp32_values_beyond_float32_range_are_refused(live: LivePlane) -> None:
     request = _fp32_request(np.full((1, 3, 32, 32), 1e39))  # float64, finite, but inf as float32
     with pytest.raises(InvalidInput, match="contains NaN or infinity"):
-        _infer(_settings(tiny_store.store), request)
+        live.infer(request)

@@ -69,9 +69,10 @@ def _unclosed_uploads() -> Iterator[list[str]]:
     assert all("SpooledTemporaryFile" in message for message in leaked), leaked
 
 
-@pytest.fixture
-def client(tiny_store: TinyStore) -> Iterator[TestClient]:
-    with _serving(tiny_store.store) as test_client:
+@pytest.fixture(scope="module")
+def client(shared_tiny_store: TinyStore) -> Iterator[TestClient]:
+    """One app for the tests that change nothing (the others build their own with ``_serving``)."""
+    with _serving(shared_tiny_store.store) as test_client:
         yield test_client
 
 
@@ -87,7 +88,7 @@ def _b64(data: bytes) -> str:
 
 
 # ---- v2 inference -----------------------------------------------------------------------------
-def test_v2_json_inference(client: TestClient, tiny_store: TinyStore, png: PngFactory) -> None:
+def test_v2_json_inference(client: TestClient, shared_tiny_store: TinyStore, png: PngFactory) -> None:
     images = [png(1), png(2, width=50, height=36)]
     body = {
         "id": "abc",
@@ -99,12 +100,12 @@ def test_v2_json_inference(client: TestClient, tiny_store: TinyStore, png: PngFa
     assert (answer["model_name"], answer["model_version"], answer["id"]) == ("tiny", "1", "abc")
     logits, probabilities = answer["outputs"]
     assert (logits["name"], logits["datatype"], logits["shape"]) == ("logits", "FP32", [2, 3])
-    expected = _expected(tiny_store, images)
+    expected = _expected(shared_tiny_store, images)
     np.testing.assert_allclose(np.reshape(logits["data"], (2, 3)), expected, atol=1e-5)
     np.testing.assert_allclose(np.reshape(probabilities["data"], (2, 3)), softmax(expected), atol=1e-5)
 
 
-def test_v2_json_fp32_inference_on_a_version(client: TestClient, tiny_store: TinyStore) -> None:
+def test_v2_json_fp32_inference_on_a_version(client: TestClient, shared_tiny_store: TinyStore) -> None:
     pixels = np.random.default_rng(3).standard_normal((1, 3, 32, 32), dtype=np.float32)
     body = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": pixels.ravel().tolist()}],
@@ -115,14 +116,14 @@ def test_v2_json_fp32_inference_on_a_version(client: TestClient, tiny_store: Tin
     (logits,) = response.json()["outputs"]
     from finetune.export import run_onnx
 
-    expected = run_onnx(tiny_store.folder / "model.onnx", pixels)
+    expected = run_onnx(shared_tiny_store.folder / "model.onnx", pixels)
     np.testing.assert_allclose(np.reshape(logits["data"], (1, 3)), expected, atol=1e-5)
     missing = client.post("/v2/models/tiny/versions/9/infer", json=body)
     assert (missing.status_code, missing.json()) == (404, {"error": "model 'tiny' has no version '9'"})
 
 
 def test_v2_binary_inference_with_tritonclients_encoding(
-    client: TestClient, tiny_store: TinyStore, png: PngFactory
+    client: TestClient, shared_tiny_store: TinyStore, png: PngFactory
 ) -> None:
     images = [png(3), png(4), png(5, width=33, height=90)]
     tensor = triton_http.InferInput("image", [3], "BYTES")
@@ -143,7 +144,7 @@ def test_v2_binary_inference_with_tritonclients_encoding(
     result = triton_http.InferenceServerClient.parse_response_body(
         response.content, header_length=int(response.headers[HEADER_LENGTH])
     )
-    expected = _expected(tiny_store, images)
+    expected = _expected(shared_tiny_store, images)
     np.testing.assert_allclose(result.as_numpy("probabilities"), softmax(expected), atol=1e-5)
     top2 = result.as_numpy("logits")
     assert top2.shape == (3, 2)
@@ -219,7 +220,7 @@ def _assert_answer(answer: dict[str, float], expected: dict[str, float]) -> None
     ],
 )
 def test_predictions(
-    client: TestClient, tiny_store: TinyStore, png: PngFactory, method: str, path: str, how: str
+    client: TestClient, shared_tiny_store: TinyStore, png: PngFactory, method: str, path: str, how: str
 ) -> None:
     image = png(7)
     kwargs: dict[str, Any] = {
@@ -232,13 +233,13 @@ def test_predictions(
     with _unclosed_uploads():
         response = client.request(method, path, **kwargs)
     assert response.status_code == 200, response.text
-    _assert_answer(response.json(), _probabilities(tiny_store, image))
+    _assert_answer(response.json(), _probabilities(shared_tiny_store, image))
 
 
-def test_predictions_top_k_follows_the_settings(tiny_store: TinyStore, png: PngFactory) -> None:
-    with _serving(tiny_store.store, default_top_k=1) as client:
+def test_predictions_top_k_follows_the_settings(shared_tiny_store: TinyStore, png: PngFactory) -> None:
+    with _serving(shared_tiny_store.store, default_top_k=1) as client:
         answer = client.post("/predictions/tiny", content=png(8)).json()
-    assert list(answer) == list(_probabilities(tiny_store, png(8)))[:1]
+    assert list(answer) == list(_probabilities(shared_tiny_store, png(8)))[:1]
 
 
 def test_a_multipart_form_without_an_obvious_image_field(client: TestClient, png: PngFactory) -> None:
@@ -267,13 +268,13 @@ def test_a_text_form_field_that_is_not_an_image_is_a_client_error(client: TestCl
 
 
 # ---- health, metadata, readiness -------------------------------------------------------------
-def test_health_and_ping(tiny_store: TinyStore) -> None:
-    with _serving(tiny_store.store, load=False) as client:
+def test_health_and_ping(shared_tiny_store: TinyStore) -> None:
+    with _serving(shared_tiny_store.store, load=False) as client:
         assert client.get("/v2/health/live").status_code == 200
         assert client.get("/v2/health/ready").status_code == 503  # nothing loaded yet
         ping = client.get("/ping")
         assert (ping.status_code, ping.json()) == (500, {"status": "Unhealthy"})
-    with _serving(tiny_store.store) as client:
+    with _serving(shared_tiny_store.store) as client:
         assert client.get("/v2/health/ready").status_code == 200
         ping = client.get("/ping")
         assert (ping.status_code, ping.json()) == (200, {"status": "Healthy"})
@@ -348,9 +349,9 @@ def test_error_formats_differ_by_protocol(client: TestClient, png: PngFactory) -
     )
 
 
-def test_payload_over_the_limit_is_413_on_every_route(tiny_store: TinyStore) -> None:
+def test_payload_over_the_limit_is_413_on_every_route(shared_tiny_store: TinyStore) -> None:
     big = b"\0" * 3000
-    with _serving(tiny_store.store, max_payload_bytes=2000) as client:
+    with _serving(shared_tiny_store.store, max_payload_bytes=2000) as client:
         v2 = client.post("/v2/models/tiny/infer", content=big)
         assert (v2.status_code, v2.json()) == (413, {"error": "request body of 3000 bytes is over the limit of 2000"})
         chunked = client.post("/v2/models/tiny/infer", content=iter([big[:1500], big[1500:]]))
@@ -367,10 +368,20 @@ def test_payload_over_the_limit_is_413_on_every_route(tiny_store: TinyStore) -> 
         with _unclosed_uploads():
             upload = client.post("/predictions/tiny", files={"data": ("x.png", big, "image/png")})
         assert upload.status_code == 413 and upload.json()["type"] == "PayloadTooLarge"
+        form = (
+            b'--xyz\r\nContent-Disposition: form-data; name="data"; filename="x.png"\r\n\r\n' + big + b"\r\n--xyz--\r\n"
+        )
+        chunked_upload = client.post(
+            "/predictions/tiny",
+            content=iter([form[:1000], form[1000:]]),  # no Content-Length
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        )
+        assert chunked_upload.status_code == 413
+        assert chunked_upload.json()["message"] == "request body is over the limit of 2000 bytes"
 
 
 def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_traceback(
-    tiny_store: TinyStore, caplog: pytest.LogCaptureFixture
+    shared_tiny_store: TinyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     def extend(app: FastAPI) -> None:
         async def explode() -> None:
@@ -379,7 +390,10 @@ def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_traceback(
         app.add_api_route("/v2/explode", explode, methods=["GET"])
         app.add_api_route("/ping/explode", explode, methods=["GET"])  # a TorchServe-style path
 
-    with caplog.at_level(logging.ERROR, logger="service.http_app"), _serving(tiny_store.store, extend=extend) as client:
+    with (
+        caplog.at_level(logging.ERROR, logger="service.http_app"),
+        _serving(shared_tiny_store.store, extend=extend) as client,
+    ):
         v2 = client.get("/v2/explode")
         torchserve = client.get("/ping/explode")
     assert v2.status_code == 500 and list(v2.json()) == ["error"]
@@ -396,9 +410,9 @@ def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_traceback(
 
 
 # ---- tokens and management --------------------------------------------------------------------
-def test_an_inference_token_guards_both_apis(tiny_store: TinyStore, png: PngFactory) -> None:
+def test_an_inference_token_guards_both_apis(shared_tiny_store: TinyStore, png: PngFactory) -> None:
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(png(11))]}]}
-    with _serving(tiny_store.store, inference_token="let-me-in") as client:
+    with _serving(shared_tiny_store.store, inference_token="let-me-in") as client:
         v2 = client.post("/v2/models/tiny/infer", json=body)
         assert v2.status_code == 401 and "inference token" in v2.json()["error"]
         wrong = client.post("/predictions/tiny", content=png(11), headers={"Authorization": "Bearer nope"})

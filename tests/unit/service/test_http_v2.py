@@ -244,6 +244,7 @@ def test_parse_outputs() -> None:
         ([{"name": "p", "parameters": {"classification": -1}}], "output 'p': classification must be a non-negative"),
         ([{"name": "p", "parameters": {"classification": "2"}}], "output 'p': classification must be a non-negative"),
         ([{"name": "p", "parameters": {"classification": 1.5}}], "output 'p': classification must be a non-negative"),
+        ([{"name": "p", "parameters": {"classification": True}}], "output 'p': classification must be a non-negative"),
     ],
 )
 def test_parse_outputs_refusals(outputs: Any, message: str) -> None:
@@ -251,12 +252,9 @@ def test_parse_outputs_refusals(outputs: Any, message: str) -> None:
         parse_outputs({"outputs": outputs})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: non-object output 'parameters' reach dict() and raise ValueError/TypeError"
-)
 @pytest.mark.parametrize("parameters", ["binary", 5, [1, 2]])
 def test_output_parameters_that_are_not_an_object_are_invalid_input(parameters: Any) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="output 'logits': 'parameters' must be an object"):
         parse_outputs({"outputs": [{"name": "logits", "parameters": parameters}]})
 
 
@@ -299,9 +297,16 @@ def test_invalid_timeouts(headers: dict[str, str], parameters: dict[str, Any], m
         request_deadline(_request(headers), parameters, 3.0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: float('nan') passes the `<= 0` check and becomes a NaN deadline")
-@pytest.mark.parametrize(("headers", "parameters"), [({"X-Request-Timeout-Ms": "nan"}, {}), ({}, {"timeout": "NaN"})])
-def test_a_nan_timeout_is_invalid(headers: dict[str, str], parameters: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("headers", "parameters"),
+    [
+        ({"X-Request-Timeout-Ms": "nan"}, {}),
+        ({"X-Request-Timeout-Ms": "inf"}, {}),
+        ({}, {"timeout": "NaN"}),
+        ({}, {"timeout": True}),
+    ],
+)
+def test_non_finite_or_boolean_timeouts_are_invalid(headers: dict[str, str], parameters: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput, match="timeout"):
         request_deadline(_request(headers), parameters, 0.0)
 
