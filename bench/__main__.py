@@ -177,11 +177,17 @@ def _training_data(options: Options, work: Path) -> Path:
 
 
 def _sampler(options: Options, package_dir: Path, images: list[bytes]) -> raw.RawSampler:
-    """The raw backends of the configured servers (ONNX Runtime when none), at batch 1 and 8."""
+    """The raw backends of the configured servers (ONNX Runtime when none), at batch 1, 8 and theirs."""
     backends = tuple(dict.fromkeys(serving.parse_config(c)[0] for c in options.plan.configs)) or ("onnxruntime",)
     backends += ("torchscript-fp16",) if options.raw_fp16 else ()
+    sizes = tuple(sorted({1, 8} | {serving.parse_config(c)[1] for c in options.plan.configs}))
     return raw.RawSampler(
-        package_dir, images, backends=backends, duration_s=options.raw_duration, device=options.device
+        package_dir,
+        images,
+        backends=backends,
+        batch_sizes=sizes,
+        duration_s=options.raw_duration,
+        device=options.device,
     )
 
 

@@ -85,6 +85,7 @@ def run_finetune(
         "--tensorboard", "false", "--export-formats", formats, "--name", name, "--run-name", run_name,
         "--output-dir", str(work / "runs"), "--model-store", str(work / "store"), *extra,
     ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
     log = work / f"finetune-{run_name}.log"
     start = time.perf_counter()
     with log.open("wb") as out:

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive
 
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
@@ -19,28 +20,52 @@ from service.explain import heatmap_png
 from service.http_v2 import bearer_token, read_body, request_deadline
 
 MULTIPART = "multipart/form-data"
+# the routes read the raw request, so FastAPI cannot infer this: say it in the OpenAPI description
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            MULTIPART: {"schema": {"type": "object", "properties": {"data": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
 
 
 async def image_from_request(request: Request, limit: int) -> bytes:
     """The raw body, or the one file/field of a multipart form (``data`` or ``body`` when several)."""
+    body = await read_body(request, limit)  # capped while it streams, multipart or not
     if not request.headers.get("content-type", "").startswith(MULTIPART):
-        return await read_body(request, limit)
-    from service.errors import PayloadTooLarge
-
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-    if len(await request.body()) > limit:  # cached by Starlette, so the form parser reads it again
-        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-    form = await request.form()
-    fields = {key: value for key, value in form.multi_items()}
-    chosen = fields.get("data") or fields.get("body") or (next(iter(fields.values())) if len(fields) == 1 else None)
-    if chosen is None:
-        raise InvalidInput("multipart request: send the image in a field named 'data'")
-    if isinstance(chosen, str):
-        return chosen.encode("latin-1")
-    data: bytes = await chosen.read()
+        return body
+    async with Request(request.scope, _replay(body)).form() as form:  # closes the upload's temp files
+        fields = dict(form.multi_items())
+        chosen = fields.get("data") or fields.get("body") or (next(iter(fields.values())) if len(fields) == 1 else None)
+        if chosen is None:
+            raise InvalidInput("multipart request: send the image in a field named 'data'")
+        if isinstance(chosen, str):
+            return _field_bytes(chosen)
+        data: bytes = await chosen.read()
     return data
+
+
+def _replay(body: bytes) -> Receive:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _field_bytes(text: str) -> bytes:
+    """Undo Starlette's decoding of a form field: UTF-8 when the bytes were valid UTF-8, else latin-1."""
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return text.encode("utf-8")
 
 
 def build_router(plane: DataPlane) -> APIRouter:
@@ -52,11 +77,11 @@ def build_router(plane: DataPlane) -> APIRouter:
         return JSONResponse({"status": "Healthy" if healthy else "Unhealthy"}, status_code=200 if healthy else 500)
 
     # TorchServe's docs use `curl -T image.jpg`, which sends PUT: accept both
-    @router.api_route("/predictions/{model}", methods=["POST", "PUT"])
+    @router.api_route("/predictions/{model}", methods=["POST", "PUT"], openapi_extra=IMAGE_BODY)
     async def predictions(model: str, request: Request) -> Any:
         return await _predict(plane, request, model, None)
 
-    @router.api_route("/predictions/{model}/{version}", methods=["POST", "PUT"])
+    @router.api_route("/predictions/{model}/{version}", methods=["POST", "PUT"], openapi_extra=IMAGE_BODY)
     async def predictions_version(model: str, version: str, request: Request) -> Any:
         return await _predict(plane, request, model, version)
 

@@ -25,6 +25,46 @@ from service.types import NUMPY_DTYPES, InferInput, InferOutput, InferRequest, I
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["BYTES", *NUMPY_DTYPES]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "description": "row-major elements; BYTES as base64 strings"},
+        "parameters": {"type": "object"},
+    },
+}
+_REQUESTED_OUTPUT = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+}
+# infer reads the raw request (JSON, or JSON + binary tensors), so FastAPI cannot infer this body
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+                        "outputs": {"type": "array", "items": _REQUESTED_OUTPUT},
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"binary tensor extension: a JSON header of {HEADER_LENGTH} bytes, then the tensors",
+            },
+        },
+    }
+}
 
 
 def bearer_token(request: Request) -> str | None:
@@ -203,11 +243,11 @@ def build_router(plane: DataPlane) -> APIRouter:
     async def version_ready(model: str, version: str) -> Response:
         return _ready_response(await plane.model_ready(model, version))
 
-    @router.post("/v2/models/{model}/infer")
+    @router.post("/v2/models/{model}/infer", openapi_extra=INFER_BODY)
     async def infer(model: str, request: Request) -> Response:
         return await _infer(plane, request, model, None)
 
-    @router.post("/v2/models/{model}/versions/{version}/infer")
+    @router.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=INFER_BODY)
     async def infer_version(model: str, version: str, request: Request) -> Response:
         return await _infer(plane, request, model, version)
 

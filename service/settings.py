@@ -7,6 +7,7 @@ Every field can come from a YAML config file (``--config``), an environment vari
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Settings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(f"log_level={self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
         for model, backend in self.model_backends.items():
@@ -83,15 +86,31 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     if "Path" in str(kind):
-        return Path(value)
+        return Path(value) if str(value) else None
     if kind == "bool" and isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        return _parse_bool(name, value)
     if "dict" in str(kind):
         return _parse_mapping(value)
     for text, cast in (("int", int), ("float", float), ("bool", bool)):
         if kind == text:
             return cast(value)
     return str(value)
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false (1/0, yes/no, on/off), got {text!r}")
+
+
+def _coerce_named(name: str, value: Any) -> Any:
+    try:
+        return _coerce(name, value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
 
 
 def _parse_mapping(value: Any) -> dict[str, str]:
@@ -120,4 +139,4 @@ def from_sources(
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(unknown)}")
-    return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    return Settings(**{k: _coerce_named(k, v) for k, v in values.items()})

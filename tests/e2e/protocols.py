@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,10 @@ class Endpoint:
             return grpc.insecure_channel(self.grpc_address)
         return grpc.secure_channel(self.grpc_address, grpc.ssl_channel_credentials(root_certificates=self.root_cert))
 
-    def http_client(self, cert_path: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=TIMEOUT_S, verify=cert_path or True)
+    def http_client(self) -> httpx.Client:
+        """A client that trusts exactly this endpoint's root certificate, when it has one."""
+        verify = ssl.create_default_context(cadata=self.root_cert.decode()) if self.root_cert else True
+        return httpx.Client(base_url=self.url, timeout=TIMEOUT_S, verify=verify)
 
 
 def send_image(

@@ -114,15 +114,11 @@ def test_argparse_refusals_exit_2(capsys: pytest.CaptureFixture[str], argv: list
     assert "usage: serve" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a coercion error does not say which setting it is about")
 def test_a_bad_value_names_its_setting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_parse("--grpc-port", "9001", "--http-port", "eighty")) == 2
     assert "http_port" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: log_level is not validated; `serve --log-level LOUD` dies with a traceback"
-)
 def test_an_unknown_log_level_is_refused() -> None:
     with pytest.raises(ValueError, match="log_level"):
         resolve_settings(_parse("--log-level", "LOUD"))

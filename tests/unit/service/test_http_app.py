@@ -59,7 +59,7 @@ def _serving(
 
 @contextmanager
 def _unclosed_uploads() -> Iterator[list[str]]:
-    """Collect the ResourceWarnings of multipart upload files the app leaves open (see the xfail below)."""
+    """Collect the ResourceWarnings of multipart upload files the app leaves open."""
     leaked: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
@@ -254,14 +254,12 @@ def test_a_multipart_form_without_an_obvious_image_field(client: TestClient, png
     }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: image_from_request never closes the parsed form; upload files leak")
 def test_multipart_upload_files_are_closed(client: TestClient, png: PngFactory) -> None:
     with _unclosed_uploads() as leaked:
         assert client.post("/predictions/tiny", files={"data": ("x.png", png(9), "image/png")}).status_code == 200
     assert leaked == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a UTF-8 text form field is re-encoded as latin-1: UnicodeEncodeError, 500")
 def test_a_text_form_field_that_is_not_an_image_is_a_client_error(client: TestClient) -> None:
     response = client.post("/predictions/tiny", files={"data": (None, "naïve € text".encode())})
     assert response.status_code == 400
