@@ -5,6 +5,7 @@ finetune --demo                       # embedded real-photo dataset, offline pre
 finetune --config run.yaml --epochs 20  # YAML supplies any flag; the command line wins
 finetune compare --backbones resnet18,mobilenet_v3_small --data ./imgs
 finetune explain --package model_store/imgs/1 photo.jpg --out heat.png
+finetune lr-find --backbone resnet50 --data ./imgs
 """
 
 from __future__ import annotations
@@ -124,7 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Fine-tune a pretrained image backbone on an image folder, evaluate it on a held-out test split, "
         "export TorchScript and ONNX checked against the eager model, and publish a versioned package. "
         "Subcommands: 'finetune compare --backbones a,b ...' (same split and budget per backbone, a comparison "
-        "table) and 'finetune explain --package DIR image.jpg' (Grad-CAM heatmap); each has its own --help.",
+        "table), 'finetune lr-find ...' (learning-rate range test), "
+        "'finetune sweep --lrs a,b --batch-sizes c,d ...' (LR x batch-size grid), "
+        "'finetune explain --package DIR image.jpg' "
+        "(Grad-CAM heatmap) and 'finetune package DIR' (TorchServe .mar); each has its own --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -201,16 +205,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = ("compare", "explain")
+SUBCOMMANDS = {
+    "compare": "compare",
+    "explain": "explain",
+    "lr-find": "lr_find",
+    "package": "package_cli",
+    "sweep": "sweep",
+}
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point; ``finetune compare ...`` and ``finetune explain ...`` are subcommands."""
+    """Console-script entry point; ``compare``, ``lr-find``, ``explain`` and ``package`` are subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 
-        module = importlib.import_module(f"finetune.{argv[0]}")
+        module = importlib.import_module(f"finetune.{SUBCOMMANDS[argv[0]]}")
         args = module.get_args_parser().parse_args(argv[1:])
         configure_logging(getattr(args, "verbose", False))
         raise SystemExit(module.main(args))

@@ -30,7 +30,8 @@ HELP = {
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "max_batch_size": "largest batch the dynamic batcher forms, in images (default 8)",
     "max_queue_delay_ms": "how long a batch may wait for more requests; 0 batches what is already queued",
-    "max_queue_size": "queued requests per model version before new ones are refused with 429 (default 64)",
+    "max_queue_size": "requests waiting per model version (being decoded or queued) before new ones are refused "
+    "with 429 (default 64)",
     "model_instances": "batches computed concurrently per model version (default 1)",
     "decode_workers": "threads decoding and preprocessing images beside the model (default 4)",
     "intra_op_threads": "threads inside one model run; 0 leaves the backend's default",
