@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +32,7 @@ from finetune.explain import export_for_package
 from finetune.export import export_and_check
 from finetune.loop import EpochStats, Runtime, StepContext, cross_entropy, predict, train_one_epoch
 from finetune.optim import build_optimizer, build_scheduler
-from finetune.publish import PackageSpec, publish_package
+from finetune.publish import PackageSpec, PublishError, publish_package
 from finetune.tblog import TensorBoardLog
 from finetune.torchserve import archive_for_torchserve
 from service.explain import EXPLAIN_KEY
@@ -87,6 +88,17 @@ def resolve_runtime(config: TrainConfig) -> Runtime:
     return Runtime(device, dtype, channels_last=config.channels_last and device.type == "cuda", scaler=scaler)
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PublishError(f"model store {folder} is not writable: {exc.strerror or exc}") from exc
+
+
 def run_training(config: TrainConfig) -> RunResult:
     """Train, evaluate, export and publish; resumes when ``config.resume`` names a run folder."""
     return Trainer(config).run()
@@ -139,6 +151,7 @@ class Trainer:
         if not resuming and self.run_dir.exists():
             raise ValueError(f"run folder {self.run_dir} already exists; pick another --run-name or --resume it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(self.config.model_store)  # fail now, not after hours of training
         handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
