@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine, raw, report, serving, training
-from bench.clients import PROTOCOLS
+from bench.clients import HTTP_CLIENTS, PROTOCOLS
 from bench.servers import REPO
 
 logger = logging.getLogger("bench")
@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each point")
     serve.add_argument("--repeats", type=int, default=1, help="rounds of the whole closed-loop sweep")
     serve.add_argument("--open-rate", type=float, help="open-loop arrivals/s (default: half the raw ceiling; 0: off)")
+    serve.add_argument("--http-client", choices=HTTP_CLIENTS, default="aiohttp", help="HTTP library of the load")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
     serve.add_argument("--raw-duration", type=float, default=4.0, help="seconds per raw backend measurement")
     serve.add_argument("--raw-fp16", action="store_true", help="also time the TorchScript model cast to FP16 (GPU)")
@@ -126,6 +127,7 @@ def resolve(args: argparse.Namespace) -> Options:
         open_protocols=tuple(args.open_protocols),
         device=args.device,
         serve_args=tuple(shlex.split(args.serve_args)),
+        http_client=args.http_client,
     )
     options = Options(
         store=str(args.store) if args.store else None, model=args.model, backbone=args.backbone,

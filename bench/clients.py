@@ -51,24 +51,78 @@ class BadAnswer(RuntimeError):
     """The server answered, but not with a successful inference."""
 
 
-def _http_client(endpoint: Endpoint, concurrency: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    # trust_env=False: a proxy from the environment must never sit between us and loopback
-    return httpx.AsyncClient(base_url=endpoint.url, limits=limits, timeout=60.0, trust_env=False)
+HTTP_CLIENTS = ("aiohttp", "httpx")
 
 
-def _check(response: httpx.Response) -> None:
-    if response.status_code != 200:
-        raise BadAnswer(f"HTTP {response.status_code}: {response.text[:200]}")
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HttpTransport(Protocol):
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpxTransport:
+    """httpx.AsyncClient with one pooled connection per concurrent request."""
+
+    def __init__(self, endpoint: Endpoint, concurrency: int) -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # trust_env=False: a proxy from the environment must never sit between us and loopback
+        self._client = httpx.AsyncClient(base_url=endpoint.url, limits=limits, timeout=60.0, trust_env=False)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+        response = await self._client.post(path, content=body, headers=headers)
+        return Answer(response.status_code, dict(response.headers), response.content)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class AiohttpTransport:
+    """aiohttp's client (C-accelerated HTTP parser: about a third of httpx's CPU per request)."""
+
+    def __init__(self, endpoint: Endpoint, concurrency: int) -> None:
+        import aiohttp
+
+        self._url = endpoint.url
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=60.0), trust_env=False
+        )
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+        async with self._session.post(self._url + path, data=body, headers=headers) as response:
+            return Answer(response.status, dict(response.headers), await response.read())
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+def http_transport(kind: str, endpoint: Endpoint, concurrency: int) -> HttpTransport:
+    if kind not in HTTP_CLIENTS:
+        raise ValueError(f"unknown HTTP client {kind!r}; choose from {', '.join(HTTP_CLIENTS)}")
+    return AiohttpTransport(endpoint, concurrency) if kind == "aiohttp" else HttpxTransport(endpoint, concurrency)
+
+
+def _check(answer: Answer) -> None:
+    if answer.status != 200:
+        raise BadAnswer(f"HTTP {answer.status}: {answer.body[:200]!r}")
 
 
 class V2HttpClient:
     """``POST /v2/models/{m}/infer`` with the image as a binary BYTES tensor, binary probabilities back."""
 
-    def __init__(self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int, http: str = "aiohttp"
+    ) -> None:
         import tritonclient.http as triton_http
 
-        self._http = _http_client(endpoint, concurrency)
+        self._http = http_transport(http, endpoint, concurrency)
         self._path = f"/v2/models/{model}/infer"
         self._bodies: list[tuple[bytes, dict[str, str]]] = []
         for image in images:
@@ -83,9 +137,9 @@ class V2HttpClient:
 
     async def send(self, index: int) -> None:
         body, headers = self._bodies[index % len(self._bodies)]
-        response = await self._http.post(self._path, content=body, headers=headers)
-        _check(response)
-        if "Inference-Header-Content-Length" not in response.headers:
+        answer = await self._http.post(self._path, body, headers)
+        _check(answer)
+        if not any(k.lower() == "inference-header-content-length" for k in answer.headers):
             raise BadAnswer("answer without Triton's binary tensor header")
 
     async def aclose(self) -> None:
@@ -95,16 +149,18 @@ class V2HttpClient:
 class TsHttpClient:
     """TorchServe's ``POST /predictions/{model}`` with the JPEG as the raw body."""
 
-    def __init__(self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int) -> None:
-        self._http = _http_client(endpoint, concurrency)
+    def __init__(
+        self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int, http: str = "aiohttp"
+    ) -> None:
+        self._http = http_transport(http, endpoint, concurrency)
         self._path = f"/predictions/{model}"
         self._images = images
 
     async def send(self, index: int) -> None:
-        response = await self._http.post(self._path, content=self._images[index % len(self._images)])
-        _check(response)
-        if not response.content.startswith(b"{"):
-            raise BadAnswer(f"not a JSON object of label probabilities: {response.text[:200]}")
+        answer = await self._http.post(self._path, self._images[index % len(self._images)], {})
+        _check(answer)
+        if not answer.body.startswith(b"{"):
+            raise BadAnswer(f"not a JSON object of label probabilities: {answer.body[:200]!r}")
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -113,7 +169,9 @@ class TsHttpClient:
 class V2GrpcClient:
     """``inference.GRPCInferenceService/ModelInfer`` over one channel (HTTP/2 multiplexes the calls)."""
 
-    def __init__(self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int, http: str = ""
+    ) -> None:
         from service.protos import load_v2
 
         v2 = load_v2()
@@ -143,7 +201,9 @@ class V2GrpcClient:
 class TsGrpcClient:
     """TorchServe's ``InferenceAPIsService/Predictions`` with the JPEG under ``data``."""
 
-    def __init__(self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int, http: str = ""
+    ) -> None:
         from service.protos import load_torchserve
 
         ts = load_torchserve()
@@ -168,8 +228,10 @@ _CLIENTS: dict[str, type[V2HttpClient | TsHttpClient | V2GrpcClient | TsGrpcClie
 }
 
 
-def make_client(protocol: str, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int) -> Client:
-    """A client for ``protocol`` (one of PROTOCOLS); call it from inside the running event loop."""
+def make_client(
+    protocol: str, endpoint: Endpoint, *, model: str, images: list[bytes], concurrency: int, http: str = "aiohttp"
+) -> Client:
+    """A client for ``protocol`` (one of PROTOCOLS; ``http``: the HTTP library); call it inside the event loop."""
     if protocol not in _CLIENTS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    return _CLIENTS[protocol](endpoint, model=model, images=images, concurrency=concurrency)
+    return _CLIENTS[protocol](endpoint, model=model, images=images, concurrency=concurrency, http=http)

@@ -54,6 +54,7 @@ class Plan:
     ts_max_batch_delay_ms: int = 50
     timeout_s: float = 30.0
     serve_args: tuple[str, ...] = ()  # more flags for every ``serve``, e.g. --decode-workers 12
+    http_client: str = "aiohttp"  # the load generator's HTTP library
 
 
 def parse_config(label: str) -> tuple[str, int]:
@@ -129,7 +130,10 @@ async def measure(
     server: Running, protocol: str, images: list[bytes], plan: Plan, *, concurrency: int, rate: float
 ) -> dict[str, Any]:
     """One point: warm up, then a closed loop at ``concurrency`` (or an open loop at ``rate``)."""
-    client = make_client(protocol, server.endpoint, model=server.model, images=images, concurrency=max(concurrency, 1))
+    client = make_client(
+        protocol, server.endpoint, model=server.model, images=images, concurrency=max(concurrency, 1),
+        http=plan.http_client,
+    )  # fmt: skip
     try:
         if plan.warmup_s > 0:
             await closed_loop(

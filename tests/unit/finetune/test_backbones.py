@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -43,14 +41,6 @@ FAMILIES = {
 # MaxViT takes multiples of 224 only; a real forward costs 5-15 s on two busy cores, so its shapes
 # are checked on the meta device (no compute) instead.
 ON_META = {"maxvit_t": 224}
-
-
-@pytest.fixture(autouse=True)
-def _few_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _head(backbone: Backbone) -> nn.Module:

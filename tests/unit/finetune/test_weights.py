@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ from service.preprocess import preprocess_image
 
 BIRDS_DIR = Path("/usr/share/tuxpaint/stamps/animals/birds")
 IMAGENET_BIRDS = {*range(7, 25), *range(80, 101), *range(127, 147)}
-
-
-@pytest.fixture(autouse=True)
-def _few_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
