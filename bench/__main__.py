@@ -1,6 +1,6 @@
 """``python -m bench``: measure serving and training side by side, write BENCHMARKS.md and bench/results.json.
 
-python -m bench                        # the full run (about 20-30 minutes on 2 cores)
+python -m bench                        # the full run (about 35 minutes on 2 cores)
 python -m bench --quick --store S --model M --skip-torchserve   # seconds: the smoke test's run
 python -m bench --render bench/results.json     # rewrite BENCHMARKS.md from saved results
 """
@@ -65,11 +65,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--serve-args", default="", help="more flags for every serve, e.g. '--decode-workers 12'")
     serve.add_argument("--skip-torchserve", action="store_true", help="do not start real TorchServe")
+    serve.add_argument(
+        "--torchserve-formats", type=_csv, default=("torchscript", "onnx"), help="TorchServe archives to serve"
+    )
     serve.add_argument("--protocols", type=_csv, default=("v2-http", "v2-grpc", "ts-http"), help=f"of {PROTOCOLS}")
     serve.add_argument("--concurrency", type=_ints, default=(1, 4, 8, 32), help="closed-loop levels")
     serve.add_argument("--duration", type=float, default=6.0, help="seconds measured per point")
     serve.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each point")
-    serve.add_argument("--repeats", type=int, default=1, help="rounds of the whole closed-loop sweep")
+    serve.add_argument("--repeats", type=int, default=3, help="rounds of the whole closed-loop sweep (median)")
     serve.add_argument("--open-rate", type=float, help="open-loop arrivals/s (default: half the raw ceiling; 0: off)")
     serve.add_argument("--http-client", choices=HTTP_CLIENTS, default="aiohttp", help="HTTP library of the load")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
@@ -110,14 +113,14 @@ class Options:
 
 
 def resolve(args: argparse.Namespace) -> Options:
-    """Flags -> Options; ``--quick`` shrinks every duration and level (explicit flags still win where shown)."""
+    """Flags -> Options; ``--quick`` overrides the durations, levels, rounds and training (``--open-rate`` stays)."""
     for label in args.configs:
         serving.parse_config(label)
     if not set(args.protocols) | set(args.open_protocols) <= set(PROTOCOLS):
         raise ValueError(f"unknown protocol in {args.protocols} / {args.open_protocols}; choose from {PROTOCOLS}")
     plan = serving.Plan(
         configs=tuple(args.configs),
-        torchserve=not args.skip_torchserve,
+        torchserve=() if args.skip_torchserve else tuple(args.torchserve_formats),
         protocols=tuple(args.protocols),
         concurrency=tuple(args.concurrency),
         duration_s=args.duration,
@@ -304,7 +307,11 @@ def main(args: argparse.Namespace) -> int:
         results = json.loads(args.render.read_text())
         args.output_md.write_text(report.render(results), encoding="utf-8")
         return 0
-    options = resolve(args)
+    try:
+        options = resolve(args)
+    except ValueError as exc:
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
     command = command_line(args)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,18 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 
 def system_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
-    values = [int(v) for v in (PROC / "stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / CLOCK_TICKS
+    """CPU seconds all cores spent busy since boot (everything but idle, iowait and steal)."""
+    values = _cpu_line()
+    return (sum(values[:8]) - values[3] - values[4] - values[7]) / CLOCK_TICKS
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this one wanted to run (0 where not reported)."""
+    return _cpu_line()[7] / CLOCK_TICKS
+
+
+def _cpu_line() -> list[int]:
+    return [int(v) for v in (PROC / "stat").read_text().splitlines()[0].split()[1:]]
 
 
 def maps_library(pid: int, fragment: str) -> bool:

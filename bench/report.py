@@ -12,26 +12,24 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.serving import parse_config
+from bench.figures import (
+    TORCHSERVE_FORMATS,
+    backend_of,
+    closed,
+    describe,
+    overhead,
+    paired_ratios,
+    peak_rss,
+    points,
+    ratio,
+    raw_timing,
+    served,
+    val,
+)
+from bench.serving import TORCHSERVE
 
 ANALYSIS = Path(__file__).resolve().with_name("analysis.md")
 GOAL_CONCURRENCY = 8
-TORCHSERVE = "torchserve"
-BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "torchscript": "TorchScript"}
-
-
-def describe(results: dict[str, Any], server: str) -> str:
-    """A server label in words: ``ours-ort-b8`` -> "ours, ONNX Runtime, batch ≤ 8"."""
-    plan = results.get("serving", {}).get("plan", {})
-    if server == TORCHSERVE:
-        batch, delay = plan.get("ts_batch_size", "?"), plan.get("ts_max_batch_delay_ms", "?")
-        return f"TorchServe 0.12, TorchScript .mar, batch {batch} / {delay} ms"
-    backend, size = parse_config(server)
-    return f"ours, {BACKEND_NAMES[backend]}, batch {'≤ ' if size > 1 else ''}{size}"
-
-
-def backend_of(server: str) -> str:
-    return parse_config(server)[0] if server != TORCHSERVE else "torchscript"
 
 
 ANCHORS = """\
@@ -60,34 +58,13 @@ def table(header: list[str], rows: Iterable[list[str]]) -> str:
 
 
 # ---- looking up figures -----------------------------------------------------------------------
-def points(results: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
-    found = results.get("serving", {}).get("points", [])
-    return [p for p in found if all(p.get(k) == v for k, v in match.items())]
-
-
-def closed(results: dict[str, Any], server: str, protocol: str, concurrency: int) -> dict[str, float] | None:
-    """Median over rounds of one closed-loop point's figures, or None when not measured."""
-    found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
-    if not found:
-        return None
-    keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu_ms_per_request", "other_load_cores")
-    return {k: statistics.median(float(p[k]) for p in found) for k in keys}
-
-
-def raw_timing(results: dict[str, Any], backend: str, batch: int) -> dict[str, Any] | None:
-    for timing in results.get("raw", {}).get("backends", []):
-        if timing["name"] == backend and timing["batch"] == batch:
-            return dict(timing)
-    return None
-
-
-def val(figures: dict[str, Any] | None, key: str) -> float | None:
-    """``figures[key]`` as a float, None when the figures were not measured."""
-    return None if figures is None else float(figures[key])
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+def spread(figures: dict[str, float] | None) -> str:
+    """Median throughput and, over several rounds, its range: "37.6 (36.4–38.9)"."""
+    if figures is None:
+        return "–"
+    if figures["throughput_min"] == figures["throughput_max"]:
+        return fmt(figures["throughput"])
+    return f"{fmt(figures['throughput'])} ({fmt(figures['throughput_min'])}–{fmt(figures['throughput_max'])})"
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -123,58 +100,61 @@ def _load(values: list[float] | None) -> str:
 
 
 def _contention(results: dict[str, Any]) -> str:
-    loads = [p["other_load_cores"] for p in results.get("serving", {}).get("points", [])]
-    if not loads:
+    found = results.get("serving", {}).get("points", [])
+    if not found:
         return ""
+    loads = [p["other_load_cores"] for p in found]
+    steal = [p["steal_cores"] for p in found if "steal_cores" in p]
     cores = results["machine"]["usable_cpus"]
+    stolen = (
+        f"; CPU time the hypervisor gave to other guests (steal): median {statistics.median(steal):.2f} cores"
+        if steal
+        else ""
+    )
     return (
         f"- Other work on the machine during the serving points (busy CPU not used by the servers or the load "
-        f"generator): median {statistics.median(loads):.2f}, max {max(loads):.2f} of {cores} cores. Every "
-        "comparison below is between figures measured in this same run, interleaved point by point."
+        f"generator): median {statistics.median(loads):.2f}, max {max(loads):.2f} of {cores} cores{stolen}. "
+        "Every comparison below is between figures measured in this same run, interleaved point by point; "
+        "repeated points still differ by up to ±15 % on this shared VM, so the ratio table gives each "
+        "median's range over the rounds."
     )
 
 
 def goals(results: dict[str, Any]) -> str:
-    c = GOAL_CONCURRENCY
-    ours_ts = closed(results, "ours-ort-b8", "ts-http", c)
-    theirs = closed(results, TORCHSERVE, "ts-http", c)
-    ours_v2 = closed(results, "ours-ort-b8", "v2-http", c)
-    raw8 = raw_timing(results, "onnxruntime", 8)
-    vs_ts = ratio(val(ours_ts, "throughput"), val(theirs, "throughput"))
-    vs_raw = ratio(val(ours_v2, "throughput"), val(raw8, "items_per_second"))
-    over = overhead(results, "ours-ort-b8", "v2-http", "onnxruntime")
-    rss = _peak(results, "ours-ort-b8")
+    """The issue's targets, each with the figure it is judged on (ours: ONNX Runtime, batch ≤ 8)."""
+    c, ours = GOAL_CONCURRENCY, "ours-ort-b8"
+    theirs = val(closed(results, TORCHSERVE, "ts-http", c), "throughput")
+    raw8 = val(raw_timing(results, "onnxruntime", 8), "items_per_second")
+    over = overhead(results, ours, "v2-http", "onnxruntime")
     wait = max((r["data_wait_fraction"] for r in results.get("training", [])), default=None)
-    rows = [
-        _goal(f"served throughput / TorchServe, /predictions, c={c}", "≥ 1.5×", vs_ts, lambda x: x >= 1.5, "×", 2),
-        _goal(
-            f"served throughput (v2 HTTP) / raw ONNX Runtime batch 8, c={c}",
-            "≥ 0.85×",
-            vs_raw,
-            lambda x: x >= 0.85,
-            "×",
-            2,
-        ),
-        _goal(
-            "p50 overhead at c=1 (v2 HTTP), decode+preprocess excluded",
-            "≤ 3 ms",
-            val(over, "server"),
-            lambda x: x <= 3.0,
-            " ms",
-            1,
-        ),
-        _goal("… the same with decode+preprocess included", "(for reference)", val(over, "total"), None, " ms", 1),
-        _goal("server peak RSS, one model, ONNX Runtime backend", "≤ 400 MiB", rss, lambda x: x <= 400, " MiB", 0),
-        _goal(
-            "data-loading wait, share of training step time (worst run)",
-            "< 10 %",
-            None if wait is None else 100 * wait,
-            lambda x: x < 10,
-            " %",
-            1,
-        ),
-    ]
-    return "## Goals\n\n" + table(["goal", "target", "measured", "met"], rows)
+    rows = []
+    for protocol, api in (("ts-http", "same API, /predictions"), ("v2-http", "v2 HTTP"), ("v2-grpc", "v2 gRPC")):
+        mine = val(closed(results, ours, protocol, c), "throughput")
+        name = f"throughput / TorchServe (TorchScript .mar, /predictions), c={c}: ours over {api}"
+        row = _goal(name, "≥ 1.5×", ratio(mine, theirs), lambda x: x >= 1.5, "×", 2)
+        rounds = paired_ratios(results, (ours, protocol), (TORCHSERVE, "ts-http"), c)
+        if len(rounds) > 1:
+            row[2] += f" (round by round {fmt(min(rounds), 2)}–{fmt(max(rounds), 2)})"
+        rows.append(row)
+    for protocol, api in (("v2-http", "v2 HTTP"), ("v2-grpc", "v2 gRPC"), ("ts-http", "/predictions")):
+        mine = val(closed(results, ours, protocol, c), "throughput")
+        name = f"throughput / raw ONNX Runtime batch 8, c={c}: ours over {api}"
+        rows.append(_goal(name, "≥ 0.85×", ratio(mine, raw8), lambda x: x >= 0.85, "×", 2))
+    rows += [
+        _goal("p50 overhead at c=1 (v2 HTTP) beyond decode+preprocess", "≤ 3 ms", val(over, "server"),
+              lambda x: x <= 3.0, " ms", 1),
+        _goal("p50 overhead at c=1 (v2 HTTP) including decode+preprocess", "≤ 3 ms", val(over, "total"),
+              lambda x: x <= 3.0, " ms", 1),
+        _goal("server peak RSS, one model, ONNX Runtime backend", "≤ 400 MiB", peak_rss(results, ours),
+              lambda x: x <= 400, " MiB", 0),
+        _goal("data-loading wait, share of training step time (worst run)", "< 10 %",
+              None if wait is None else 100 * wait, lambda x: x < 10, " %", 1),
+    ]  # fmt: skip
+    return (
+        "## Goals\n\nOurs = our server with ONNX Runtime (the default backend), batch ≤ 8; figures are medians "
+        "over the rounds (ratios: of the medians, with the range of the same-round ratios).\n\n"
+        + table(["goal", "target", "measured", "met"], rows)
+    )
 
 
 def _goal(
@@ -184,23 +164,6 @@ def _goal(
         return [name, target, "not measured", "–"]
     verdict = "–" if check is None else ("**met**" if check(value) else "**not met**")
     return [name, target, f"{fmt(value, digits)}{unit}", verdict]
-
-
-def _peak(results: dict[str, Any], server: str) -> float | None:
-    for entry in results.get("serving", {}).get("memory_after_load", []):
-        if entry["server"] == server:
-            return float(entry["peak_rss_mib_total"])
-    return None
-
-
-def overhead(results: dict[str, Any], server: str, protocol: str, backend: str) -> dict[str, float] | None:
-    point, raw1 = closed(results, server, protocol, 1), raw_timing(results, backend, 1)
-    pre = results.get("raw", {}).get("preprocess")
-    if point is None or raw1 is None or pre is None:
-        return None
-    total = point["p50_ms"] - raw1["p50_ms"]
-    return {"p50": point["p50_ms"], "raw": raw1["p50_ms"], "pre": pre["p50_ms"], "total": total,
-            "server": total - pre["p50_ms"]}  # fmt: skip
 
 
 def raw_section(results: dict[str, Any]) -> str:
@@ -222,28 +185,22 @@ def raw_section(results: dict[str, Any]) -> str:
     )
 
 
-def _served(results: dict[str, Any]) -> list[tuple[str, str]]:
-    seen: dict[tuple[str, str], None] = {}
-    for p in points(results, mode="closed"):
-        seen[(p["server"], p["protocol"])] = None
-    return list(seen)
-
-
 def serving_section(results: dict[str, Any]) -> str:
     plan = results.get("serving", {}).get("plan")
     if not plan:
         return ""
     levels = plan["concurrency"]
     rows_t, rows_l = [], []
-    for server, protocol in _served(results):
+    for server, protocol in served(results):
         figures = [closed(results, server, protocol, c) for c in levels]
         name = f"{describe(results, server)} · `{protocol}`"
         rows_t.append([name] + [fmt(val(f, "throughput")) for f in figures] + [_errors(figures)])
         rows_l.append([name] + [f"{fmt(val(f, 'p50_ms'))} / {fmt(val(f, 'p99_ms'))}" for f in figures])
     intro = (
         f"## Serving: closed loop\n\nEach point: {plan['warmup_s']:g} s warm-up, then {plan['duration_s']:g} s "
-        f"measured, {plan['repeats']} round(s), interleaved server by server (median of rounds). One JPEG per "
-        "request; our load generator (`bench/loadgen.py`, asyncio + httpx / grpc.aio) on the same machine. "
+        f"measured; {plan['repeats']} rounds of the whole sweep, each point interleaved server by server; the "
+        "figures are the median of the rounds. One JPEG per request; our load generator (`bench/loadgen.py`, "
+        f"asyncio + {plan.get('http_client', 'httpx')} / grpc.aio) on the same machine. "
         "`v2-http`: Open Inference Protocol, binary BYTES tensor in, binary probabilities out; `v2-grpc`: "
         "`ModelInfer`; `ts-http`: TorchServe's `POST /predictions/{model}`, top-5 JSON out.\n\n"
         "Throughput (requests/s = images/s):\n\n"
@@ -265,7 +222,7 @@ def _errors(figures: list[dict[str, float] | None]) -> str:
 def _cpu_table(results: dict[str, Any]) -> str:
     c = GOAL_CONCURRENCY
     rows = []
-    for server, protocol in _served(results):
+    for server, protocol in served(results):
         f = closed(results, server, protocol, c)
         if f:
             rows.append([f"{describe(results, server)} · `{protocol}`", fmt(f["server_cpu_ms_per_request"]),
@@ -279,50 +236,60 @@ def _cpu_table(results: dict[str, Any]) -> str:
 
 def ratios_section(results: dict[str, Any]) -> str:
     c = GOAL_CONCURRENCY
-    theirs = closed(results, TORCHSERVE, "ts-http", c)
+    found = {label: closed(results, label, "ts-http", c) for label in TORCHSERVE_FORMATS}
+    theirs = {label: f for label, f in found.items() if f is not None}
     rows = []
-    for server, protocol in _served(results):
-        if server == TORCHSERVE:
+    for server, protocol in served(results):
+        if server in TORCHSERVE_FORMATS:
             continue
         f = closed(results, server, protocol, c)
         backend = backend_of(server)
         raw8 = raw_timing(results, backend, 8)
-        rows.append([
-            f"{describe(results, server)} · `{protocol}`",
-            fmt(val(f, "throughput")),
-            fmt(ratio(val(f, "throughput"), val(theirs, "throughput")), 2),
-            f"{fmt(ratio(val(f, 'throughput'), val(raw8, 'items_per_second')), 2)} (raw {backend} batch 8)",
-        ])  # fmt: skip
+        vs_raw = fmt(ratio(val(f, "throughput"), val(raw8, "items_per_second")), 2)
+        vs_ts = [fmt(ratio(val(f, "throughput"), val(t, "throughput")), 2) for t in theirs.values()]
+        name = f"{describe(results, server)} · `{protocol}`"
+        rows.append([name, spread(f), *vs_ts, f"{vs_raw} (raw {backend} batch 8)"])
     if not rows:
         return ""
-    base = f"{fmt(theirs['throughput'])} req/s" if theirs else "not measured"
-    return f"## Ratios at concurrency {c}\n\nTorchServe `/predictions` at c={c}: {base}.\n\n" + table(
-        ["ours", "req/s", "÷ TorchServe", "÷ raw backend"], rows
+    bases = "; ".join(f"{describe(results, k)}: {spread(t)} req/s" for k, t in theirs.items())
+    header = ["ours", "req/s (range over rounds)", *(f"÷ {_short(k)}" for k in theirs), "÷ raw backend"]
+    return (
+        f"## Ratios at concurrency {c}\n\nTorchServe `/predictions` at c={c}: {bases or 'not measured'}.\n\n"
+        + table(header, rows)
     )
+
+
+def _short(label: str) -> str:
+    return "TorchServe (TorchScript)" if TORCHSERVE_FORMATS[label] == "torchscript" else "TorchServe (ONNX)"
 
 
 def overhead_section(results: dict[str, Any]) -> str:
     rows = []
-    for server, protocol in _served(results):
-        if server != TORCHSERVE and (o := overhead(results, server, protocol, backend_of(server))):
-            name = f"{describe(results, server)} · `{protocol}`"
-            rows.append([name, *(fmt(o[k], 2) for k in ("p50", "raw", "total", "pre", "server"))])
-    theirs = closed(results, TORCHSERVE, "ts-http", 1)
-    if theirs:
-        raw1 = raw_timing(results, "torchscript", 1)
-        total = theirs["p50_ms"] - raw1["p50_ms"] if raw1 else None
-        pre = results["raw"]["preprocess"]["p50_ms"]
-        name = f"{describe(results, TORCHSERVE)} · `ts-http`"
-        rows.append([name, fmt(theirs["p50_ms"], 2), fmt(val(raw1, "p50_ms"), 2), fmt(total, 2), fmt(pre, 2),
-                     fmt(None if total is None else total - pre, 2)])  # fmt: skip
+    for server, protocol in served(results):
+        o = overhead(results, server, protocol, backend_of(server))
+        f = closed(results, server, protocol, 1)
+        if o is None or f is None:
+            continue
+        client = 1000.0 * f["client_cpu"] / f["throughput"] if f["throughput"] else None
+        name = f"{describe(results, server)} · `{protocol}`"
+        rows.append([name, *(fmt(o[k], 2) for k in ("p50", "raw", "total", "pre", "server")), fmt(client, 2)])
     if not rows:
         return ""
     return (
         "## Latency overhead at concurrency 1\n\nOne request at a time: served p50 minus the raw backend's "
-        "batch-1 p50; of that, decode + preprocess of one JPEG (measured alone), and the rest (protocol, "
-        "framework, queue, thread hand-offs).\n\n"
+        "batch-1 p50 (same backend); of that, decode + preprocess of one JPEG (measured alone), and the rest "
+        "(protocol, framework, queue, thread hand-offs, and the load generator's own work: its CPU time per "
+        "request is in the last column, and at concurrency 1 it adds to the latency).\n\n"
         + table(
-            ["server · protocol", "served p50 ms", "raw b1 p50 ms", "overhead ms", "decode+preprocess ms", "rest ms"],
+            [
+                "server · protocol",
+                "served p50 ms",
+                "raw b1 p50 ms",
+                "overhead ms",
+                "decode+preprocess ms",
+                "rest ms",
+                "load generator CPU ms",
+            ],
             rows,
         )
     )

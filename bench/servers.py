@@ -130,9 +130,17 @@ def start_ours(
 
 
 def start_torchserve(
-    package_dir: Path, *, work: Path, batch_size: int = 8, max_batch_delay_ms: int = 50, workers: int = 1
+    package_dir: Path,
+    *,
+    work: Path,
+    fmt: str = "torchscript",
+    label: str = "torchserve",
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 50,
+    workers: int = 1,
 ) -> Running:
-    """Real TorchServe over a ``.mar`` of ``package_dir`` (TorchScript), as ``finetune.torchserve`` builds it."""
+    """Real TorchServe over a ``.mar`` of ``package_dir`` (``fmt``: torchscript or onnx), as ``finetune.torchserve``
+    builds it; returns once the model's worker is READY."""
     from finetune.torchserve import Ports, build_mar
     from service.manifest import load_manifest
 
@@ -140,7 +148,7 @@ def start_torchserve(
     ports = Ports(*(free_port() for _ in range(5)))
     store = work / "ts_store"
     archive = build_mar(
-        package_dir, out_dir=store, fmt="torchscript", batch_size=batch_size,
+        package_dir, out_dir=store, fmt=fmt, batch_size=batch_size,
         max_batch_delay_ms=max_batch_delay_ms, workers=workers, ports=ports,
     )  # fmt: skip
     env = child_env(TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"))
@@ -154,7 +162,7 @@ def start_torchserve(
         subprocess.run(cmd, cwd=work, env=env, check=True, timeout=60, stdout=out, stderr=subprocess.STDOUT)
     java = int((work / ".model_server.pid").read_text().strip())
     endpoint = Endpoint(ports.inference, ports.grpc_inference)
-    server = Running("torchserve", "torchserve", endpoint, model, TORCHSERVE_PROTOCOLS, None, log, java, env, work)
+    server = Running(label, "torchserve", endpoint, model, TORCHSERVE_PROTOCOLS, None, log, java, env, work)
     url = f"http://127.0.0.1:{ports.management}/models/{model}"
     try:
         _wait_until(server, url, lambda r: r.status_code == 200 and _workers_ready(r.json()))

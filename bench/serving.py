@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 # ours-<ort|ts>-b<max batch size>: batching on (8) and off (1), each backend
 DEFAULT_CONFIGS = ("ours-ort-b8", "ours-ort-b1", "ours-ts-b8", "ours-ts-b1")
 BACKENDS = {"ort": "onnxruntime", "ts": "torchscript"}
-TORCHSERVE = "torchserve"
+TORCHSERVE = "torchserve"  # TorchServe with the TorchScript archive (the issue's baseline)
+TORCHSERVE_LABELS = {"torchscript": TORCHSERVE, "onnx": "torchserve-onnx"}  # archive format -> label
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Plan:
     """What to measure."""
 
     configs: tuple[str, ...]  # ours-<ort|ts>-b<N>, see parse_config
-    torchserve: bool
+    torchserve: tuple[str, ...]  # archive formats to start TorchServe with: torchscript, onnx
     protocols: tuple[str, ...]
     concurrency: tuple[int, ...]
     duration_s: float
@@ -48,7 +49,7 @@ class Plan:
     repeats: int
     open_rate: float  # arrivals per second; 0 skips the open-loop points
     open_protocols: tuple[str, ...]
-    open_servers: tuple[str, ...] = ("ours-ort-b8", "ours-ts-b8", TORCHSERVE)
+    open_servers: tuple[str, ...] = ("ours-ort-b8", "ours-ts-b8", *TORCHSERVE_LABELS.values())
     device: str = "cpu"
     ts_batch_size: int = 8
     ts_max_batch_delay_ms: int = 50
@@ -79,18 +80,21 @@ def start_servers(plan: Plan, *, store: Path, package_dir: Path, model: str, wor
                 )
             )
             logger.info("started %s (pid %d)", label, servers[-1].root_pid)
-        if plan.torchserve:
-            ts_work = work / "torchserve"
+        for fmt in plan.torchserve:
+            label = TORCHSERVE_LABELS[fmt]
+            ts_work = work / label
             ts_work.mkdir(parents=True, exist_ok=True)
             servers.append(
                 start_torchserve(
                     package_dir,
                     work=ts_work,
+                    fmt=fmt,
+                    label=label,
                     batch_size=plan.ts_batch_size,
                     max_batch_delay_ms=plan.ts_max_batch_delay_ms,
                 )
             )
-            logger.info("started TorchServe (java pid %d)", servers[-1].root_pid)
+            logger.info("started %s (java pid %d)", label, servers[-1].root_pid)
     except BaseException:
         stop_servers(servers)
         raise
@@ -144,7 +148,8 @@ async def measure(
                 timeout_s=plan.timeout_s,
             )
         pids = server.pids()
-        server_cpu, busy, start = procs.cpu_seconds(pids), procs.system_busy_seconds(), time.perf_counter()
+        server_cpu, busy, steal = procs.cpu_seconds(pids), procs.system_busy_seconds(), procs.steal_seconds()
+        start = time.perf_counter()
         if rate > 0:
             result = await open_loop(client.send, rate=rate, duration_s=plan.duration_s, timeout_s=plan.timeout_s)
         else:
@@ -154,9 +159,11 @@ async def measure(
         seconds = time.perf_counter() - start
         server_cpu = procs.cpu_seconds(pids) - server_cpu
         busy = procs.system_busy_seconds() - busy
+        steal = procs.steal_seconds() - steal
     finally:
         await client.aclose()
-    return _point(server, protocol, result, server_cpu=server_cpu, busy=busy, seconds=seconds)
+    point = _point(server, protocol, result, server_cpu=server_cpu, busy=busy, seconds=seconds)
+    return point | {"steal_cores": steal / seconds if seconds > 0 else 0.0}
 
 
 def _point(

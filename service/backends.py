@@ -47,13 +47,17 @@ class Backend(Protocol):
 class OnnxBackend:
     """An ONNX Runtime session; CUDA when asked for and this onnxruntime has it, else CPU."""
 
-    def __init__(self, path: Path, *, device: str = "cpu", intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, *, device: str = "cpu", intra_op_threads: int = 0, intra_op_spinning: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
+        if not intra_op_spinning:  # idle threads sleep instead of burning a shared core or a CPU quota
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = _onnx_providers(device, ort.get_available_providers())
         self._session: Any = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
@@ -189,7 +193,13 @@ def choose_backend(manifest: Manifest, requested: str, *, prefer_torchscript: bo
 
 
 def load_backend(
-    package_dir: Path, manifest: Manifest, *, requested: str = "auto", device: str = "auto", intra_op_threads: int = 0
+    package_dir: Path,
+    manifest: Manifest,
+    *,
+    requested: str = "auto",
+    device: str = "auto",
+    intra_op_threads: int = 0,
+    intra_op_spinning: bool = True,
 ) -> Backend:
     """Build the backend for a package whose files were already verified; PackageError if it cannot load."""
     prefer_torch = requested == "auto" and device != "cpu" and _only_torch_reaches_gpu(manifest)
@@ -199,9 +209,12 @@ def load_backend(
     if Path(file_name).name != file_name:
         raise PackageError(f"{package_dir}: model file {file_name!r} is not a plain file name")
     path = package_dir / file_name
-    factory = OnnxBackend if name == "onnxruntime" else TorchScriptBackend
     try:
-        backend: Backend = factory(path, device=resolved, intra_op_threads=intra_op_threads)
+        backend: Backend = (
+            OnnxBackend(path, device=resolved, intra_op_threads=intra_op_threads, intra_op_spinning=intra_op_spinning)
+            if name == "onnxruntime"
+            else TorchScriptBackend(path, device=resolved, intra_op_threads=intra_op_threads)
+        )
     except PackageError:
         raise
     except Exception as exc:  # loaders raise many types; every one means this package cannot be served

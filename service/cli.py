@@ -35,6 +35,8 @@ HELP = {
     "model_instances": "batches computed concurrently per model version (default 1)",
     "decode_workers": "threads decoding and preprocessing images beside the model (default 4)",
     "intra_op_threads": "threads inside one model run; 0 leaves the backend's default",
+    "intra_op_spinning": "let ONNX Runtime's threads busy-wait between operators (default on: fastest on dedicated "
+    "CPUs; turn off when the server shares its CPUs or runs under a CPU quota)",
     "max_payload_bytes": "largest request body or gRPC message, equal on every protocol (default 16 MiB)",
     "max_image_pixels": "largest decoded image, against decompression bombs (default 40 Mpx)",
     "request_timeout_s": "default deadline for requests that carry none; 0 for none",

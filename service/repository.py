@@ -54,6 +54,7 @@ def _load_package(path: Path, settings: Settings, name: str) -> tuple[Manifest, 
         requested=settings.backend_for(name),
         device=settings.device,
         intra_op_threads=settings.intra_op_threads,
+        intra_op_spinning=settings.intra_op_spinning,
     )
     warm_up(backend, manifest, batch_sizes=sorted({1, settings.max_batch_size}))
     return manifest, backend

@@ -38,6 +38,7 @@ class Settings:
     model_instances: int = 1  # batches computed concurrently per model version
     decode_workers: int = 4  # threads decoding and preprocessing images beside compute
     intra_op_threads: int = 0  # 0: the backend's default
+    intra_op_spinning: bool = True  # ONNX Runtime's threads busy-wait between operators
     max_payload_bytes: int = 16 * 1024 * 1024  # request body / gRPC message cap, equal on every protocol
     max_image_pixels: int = 40_000_000  # decompression-bomb cap
     request_timeout_s: float = 0.0  # 0: no server-side default deadline

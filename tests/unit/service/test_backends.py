@@ -125,6 +125,19 @@ def test_load_backend_and_warm_up(package: Package) -> None:
         warm_up(backend, package.manifest, batch_sizes=(1, 4))
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_onnx_intra_op_spinning_setting(package: Package, spinning: bool) -> None:
+    backend = load_backend(package.folder, package.manifest, requested="onnxruntime", intra_op_spinning=spinning)
+    assert isinstance(backend, OnnxBackend)
+    options = backend._session.get_session_options()
+    if spinning:  # ONNX Runtime's default is left alone
+        with pytest.raises(Exception, match="allow_spinning"):
+            options.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    warm_up(backend, package.manifest, batch_sizes=(2,))
+
+
 def test_warm_up_catches_a_wrong_number_of_classes(package: Package) -> None:
     backend = load_backend(package.folder, package.manifest, device="cpu")
     with pytest.raises(PackageError, match=r"returns \(1, 3\).*promises \(1, 5\)"):

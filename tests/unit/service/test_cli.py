@@ -62,6 +62,7 @@ def test_flags_parse_into_settings(tmp_path: Path) -> None:
     assert settings.tls and settings.tls_cert == Path("cert.pem")
     assert settings.log_level == "debug"
     assert resolve_settings(_parse("--no-enable-management")).enable_management is False
+    assert resolve_settings(_parse("--no-intra-op-spinning")).intra_op_spinning is False
 
 
 def test_flags_win_over_the_environment_and_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,15 @@ def test_matches_torchvision_eval_transform(width: int, height: int, interpolati
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+def test_bgr_reverses_channels_with_their_statistics() -> None:
+    image = _random_image(64, 64, seed=1)
+    rgb = Preprocess(resize=64, crop=56, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    bgr = Preprocess(resize=64, crop=56, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), channel_order="BGR")
+    ours_rgb, ours_bgr = preprocess_image(image, rgb), preprocess_image(image, bgr)
+    assert ours_bgr.flags["C_CONTIGUOUS"] and ours_bgr.dtype == np.float32
+    np.testing.assert_array_equal(ours_bgr, ours_rgb[::-1])
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "CMYK", "P", "I;16", "1"])
 def test_every_mode_becomes_rgb(mode: str) -> None:
     image = _random_image(20, 10).convert(mode) if mode != "I;16" else Image.new("I;16", (20, 10), 40000)

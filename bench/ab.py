@@ -1,0 +1,98 @@
+"""A/B: variants of our server side by side, points interleaved round by round (the medians decide).
+
+python -m bench.ab --store S --model resnet18 \\
+    --variant "default=--backend onnxruntime" --variant "nospin=--backend onnxruntime --no-intra-op-spinning" \\
+    --concurrency 1,8 --rounds 4
+
+Each variant is ``name=<serve flags>``; upper-case ``ENV=value`` words among them go to the server's environment
+(e.g. ``OMP_WAIT_POLICY=PASSIVE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.__main__ import DEMO_IMAGES
+from bench.clients import PROTOCOLS, Endpoint, make_client
+from bench.loadgen import closed_loop
+from bench.servers import REPO, Running, _wait_until, child_env, free_port
+
+logger = logging.getLogger("bench.ab")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, required=True, help="model store to serve")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--variant", action="append", required=True, help="name=<serve flags> (repeat)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="v2-http")
+    parser.add_argument("--concurrency", default="1,8", help="closed-loop levels, comma separated")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per point")
+    return parser
+
+
+def _start(name: str, spec: str, *, store: Path, work: Path) -> Running:
+    words = shlex.split(spec)
+    assignments = [w for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)]
+    env = dict(w.split("=", 1) for w in assignments)
+    flags = [w for w in words if w not in assignments]
+    entry = ["-m", "service.cli"]
+    endpoint = Endpoint(free_port(), free_port())
+    cmd = [sys.executable, *entry, "--model-store", str(store), "--http-port", str(endpoint.http_port)]
+    cmd += ["--grpc-port", str(endpoint.grpc_port), "--log-level", "WARNING", *flags]
+    log = work / f"ab-{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(**env), cwd=REPO)
+    return Running(name, "ours", endpoint, "", (), process, log, process.pid)
+
+
+async def _rounds(servers: dict[str, Running], args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:
+    images = [p.read_bytes() for p in sorted(DEMO_IMAGES.glob("*/*.jpg"))]
+    found: dict[tuple[str, int], list[float]] = {}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    for _ in range(args.rounds):
+        for level in levels:
+            for name, server in servers.items():
+                client = make_client(args.protocol, server.endpoint, model=args.model, images=images, concurrency=level)
+                try:
+                    result = await closed_loop(client.send, concurrency=level, duration_s=args.duration, warmup_s=1.0)
+                finally:
+                    await client.aclose()
+                found.setdefault((name, level), []).append(result.throughput)
+                found.setdefault((name, -level), []).append(result.p50_ms)
+    return found
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    work = Path(args.store).resolve().parent
+    servers: dict[str, Running] = {}
+    try:
+        for spec in args.variant:
+            name, _, flags = spec.partition("=")
+            servers[name] = server = _start(name, flags, store=args.store, work=work)
+            _wait_until(server, f"{server.endpoint.url}/v2/models/{args.model}/ready", lambda r: r.status_code == 200)
+        found = asyncio.run(_rounds(servers, args))
+    finally:
+        for server in servers.values():
+            server.stop()
+    for (name, level), values in sorted(found.items()):
+        if level > 0:
+            p50 = statistics.median(found[(name, -level)])
+            runs = " ".join(f"{v:.1f}" for v in values)
+            print(f"{name:16s} c={level:<3d} {statistics.median(values):7.1f} req/s (rounds: {runs})  p50 {p50:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,105 @@
+"""Looking figures up in the results dictionary (bench/results.json): medians over rounds, ratios, names.
+
+closed(results, "ours-ort-b8", "v2-http", 8)["throughput"]     # median over the rounds
+raw_timing(results, "onnxruntime", 8)["items_per_second"]
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.serving import TORCHSERVE_LABELS, parse_config
+
+TORCHSERVE_FORMATS = {label: fmt for fmt, label in TORCHSERVE_LABELS.items()}
+BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "torchscript": "TorchScript"}
+
+
+def describe(results: dict[str, Any], server: str) -> str:
+    """A server label in words: ``ours-ort-b8`` -> "ours, ONNX Runtime, batch ≤ 8"."""
+    plan = results.get("serving", {}).get("plan", {})
+    if server in TORCHSERVE_FORMATS:
+        batch, delay = plan.get("ts_batch_size", "?"), plan.get("ts_max_batch_delay_ms", "?")
+        archive = "TorchScript" if TORCHSERVE_FORMATS[server] == "torchscript" else "ONNX (ONNX Runtime)"
+        return f"TorchServe 0.12, {archive} .mar, batch {batch} / {delay} ms"
+    backend, size = parse_config(server)
+    return f"ours, {BACKEND_NAMES[backend]}, batch {'≤ ' if size > 1 else ''}{size}"
+
+
+def backend_of(server: str) -> str:
+    if server in TORCHSERVE_FORMATS:
+        return "torchscript" if TORCHSERVE_FORMATS[server] == "torchscript" else "onnxruntime"
+    return parse_config(server)[0]
+
+
+def points(results: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
+    found = results.get("serving", {}).get("points", [])
+    return [p for p in found if all(p.get(k) == v for k, v in match.items())]
+
+
+def closed(results: dict[str, Any], server: str, protocol: str, concurrency: int) -> dict[str, float] | None:
+    """Median over rounds of one closed-loop point's figures, or None when not measured."""
+    found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
+    if not found:
+        return None
+    keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu_ms_per_request", "other_load_cores",
+            "client_cpu")  # fmt: skip
+    figures = {k: statistics.median(float(p[k]) for p in found) for k in keys}
+    rates = [float(p["throughput"]) for p in found]
+    return figures | {"throughput_min": min(rates), "throughput_max": max(rates)}
+
+
+def paired_ratios(
+    results: dict[str, Any], mine: tuple[str, str], theirs: tuple[str, str], concurrency: int
+) -> list[float]:
+    """Throughput ratio of two (server, protocol) points round by round: each pair measured minutes apart at most."""
+
+    def by_round(server: str, protocol: str) -> dict[int, float]:
+        found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
+        return {int(p.get("round", 0)): float(p["throughput"]) for p in found}
+
+    a, b = by_round(*mine), by_round(*theirs)
+    return [a[r] / b[r] for r in sorted(a) if r in b and b[r] > 0]
+
+
+def raw_timing(results: dict[str, Any], backend: str, batch: int) -> dict[str, Any] | None:
+    for timing in results.get("raw", {}).get("backends", []):
+        if timing["name"] == backend and timing["batch"] == batch:
+            return dict(timing)
+    return None
+
+
+def val(figures: dict[str, Any] | None, key: str) -> float | None:
+    """``figures[key]`` as a float, None when the figures were not measured."""
+    return None if figures is None else float(figures[key])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def served(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (server, protocol) with closed-loop points, in the order they were measured."""
+    seen: dict[tuple[str, str], None] = {}
+    for p in points(results, mode="closed"):
+        seen[(p["server"], p["protocol"])] = None
+    return list(seen)
+
+
+def peak_rss(results: dict[str, Any], server: str) -> float | None:
+    """Peak RSS (MiB, all the server's processes) after the sweep."""
+    for entry in results.get("serving", {}).get("memory_after_load", []):
+        if entry["server"] == server:
+            return float(entry["peak_rss_mib_total"])
+    return None
+
+
+def overhead(results: dict[str, Any], server: str, protocol: str, backend: str) -> dict[str, float] | None:
+    """Served p50 at concurrency 1 against the raw backend's batch-1 p50, and against decode+preprocess too."""
+    point, raw1 = closed(results, server, protocol, 1), raw_timing(results, backend, 1)
+    pre = results.get("raw", {}).get("preprocess")
+    if point is None or raw1 is None or pre is None:
+        return None
+    total = point["p50_ms"] - raw1["p50_ms"]
+    return {"p50": point["p50_ms"], "raw": raw1["p50_ms"], "pre": pre["p50_ms"], "total": total,
+            "server": total - pre["p50_ms"]}  # fmt: skip
