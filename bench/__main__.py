@@ -25,7 +25,7 @@ from typing import Any
 
 from bench import machine, raw, report, serving, training
 from bench.clients import HTTP_CLIENTS, PROTOCOLS
-from bench.servers import REPO
+from bench.servers import REPO, Running
 
 logger = logging.getLogger("bench")
 DEMO_IMAGES = training.DEMO_DATA
@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each point")
     serve.add_argument("--repeats", type=int, default=3, help="rounds of the whole closed-loop sweep (median)")
     serve.add_argument("--open-rate", type=float, help="open-loop arrivals/s (default: half the raw ceiling; 0: off)")
+    serve.add_argument(
+        "--overhead-rounds", type=int, default=5, help="paired rounds (raw b1, then served c=1) for the overhead"
+    )
     serve.add_argument("--http-client", choices=HTTP_CLIENTS, default="aiohttp", help="HTTP library of the load")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
     serve.add_argument("--raw-duration", type=float, default=4.0, help="seconds per raw backend measurement")
@@ -102,6 +105,7 @@ class Options:
     plan: serving.Plan
     raw_duration: float
     raw_fp16: bool
+    overhead_rounds: int
     open_rate: float | None
     training: bool
     train_backbones: tuple[str, ...]
@@ -135,6 +139,7 @@ def resolve(args: argparse.Namespace) -> Options:
     options = Options(
         store=str(args.store) if args.store else None, model=args.model, backbone=args.backbone,
         img_size=args.img_size, device=args.device, plan=plan, raw_duration=args.raw_duration, raw_fp16=args.raw_fp16,
+        overhead_rounds=args.overhead_rounds,
         open_rate=args.open_rate, training=not args.skip_training, train_backbones=tuple(args.train_backbones),
         train_images_per_class=args.train_images_per_class, train_copies=args.train_copies,
         train_batch_size=args.train_batch_size, train_workers=args.train_workers, note=args.note,
@@ -143,7 +148,7 @@ def resolve(args: argparse.Namespace) -> Options:
         quick = replace(plan, concurrency=(1, 8), duration_s=1.0, warmup_s=0.3, repeats=1)
         if tuple(args.configs) == serving.DEFAULT_CONFIGS:
             quick = replace(quick, configs=("ours-ort-b8", "ours-ts-b8"))
-        options = replace(options, plan=quick, raw_duration=0.5, training=False)
+        options = replace(options, plan=quick, raw_duration=0.5, training=False, overhead_rounds=1)
         options = replace(options, open_rate=args.open_rate if args.open_rate is not None else 10.0)
     return options
 
@@ -224,14 +229,32 @@ def _serve(
     try:
         idle = [serving.memory(s) for s in servers]
         points = asyncio.run(serving.sweep(servers, images, plan, between=lambda: _sample(sampler)))
+        paired = _paired_overhead(options, plan, servers, images, sampler)
         loaded = [serving.memory(s) for s in servers]
     finally:
         killed = serving.stop_servers(servers)
     leftovers = {s.label: s.leftovers() for s in servers}
     return {
-        "plan": asdict(plan), "points": points, "memory_ready": idle, "memory_after_load": loaded,
-        "killed_at_stop": killed, "left_running": leftovers, "seconds": time.perf_counter() - started,
+        "plan": asdict(plan), "points": points, "paired_overhead": paired, "memory_ready": idle,
+        "memory_after_load": loaded, "killed_at_stop": killed, "left_running": leftovers,
+        "seconds": time.perf_counter() - started,
     }  # fmt: skip
+
+
+def _paired_overhead(
+    options: Options, plan: serving.Plan, servers: list[Running], images: list[bytes], sampler: raw.RawSampler
+) -> list[dict[str, Any]]:
+    """The latency-overhead goal's server (ONNX Runtime, batch <= 8), each protocol paired with raw batch 1."""
+    target = next((s for s in servers if s.label == serving.GOAL_SERVER), None)
+    if target is None or options.overhead_rounds <= 0 or "onnxruntime" not in sampler.backends:
+        return []
+    duration = max(options.raw_duration / 2, 0.5)
+    return asyncio.run(
+        serving.paired_overhead(
+            target, images, plan, rounds=options.overhead_rounds,
+            raw_p50=lambda: sampler.p50("onnxruntime", 1, duration_s=duration),
+        )
+    )  # fmt: skip
 
 
 def _train(options: Options, work: Path, results: dict[str, Any]) -> None:

@@ -94,6 +94,26 @@ def peak_rss(results: dict[str, Any], server: str) -> float | None:
     return None
 
 
+def paired_overhead(results: dict[str, Any], server: str, protocol: str) -> dict[str, float] | None:
+    """Medians of the paired rounds (served c=1 p50 minus the raw batch-1 p50 timed just before it)."""
+    pairs = [
+        p
+        for p in results.get("serving", {}).get("paired_overhead", [])
+        if p["server"] == server and p["protocol"] == protocol
+    ]
+    pre = results.get("raw", {}).get("preprocess")
+    if not pairs or pre is None:
+        return None
+    diffs = [p["overhead_ms"] for p in pairs]
+    total = statistics.median(diffs)
+    return {
+        "p50": statistics.median(p["served_p50_ms"] for p in pairs),
+        "raw": statistics.median(p["raw_p50_ms"] for p in pairs),
+        "pre": pre["p50_ms"], "total": total, "server": total - pre["p50_ms"],
+        "min": min(diffs), "max": max(diffs), "rounds": len(pairs),
+    }  # fmt: skip
+
+
 def overhead(results: dict[str, Any], server: str, protocol: str, backend: str) -> dict[str, float] | None:
     """Served p50 at concurrency 1 against the raw backend's batch-1 p50, and against decode+preprocess too."""
     point, raw1 = closed(results, server, protocol, 1), raw_timing(results, backend, 1)

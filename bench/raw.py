@@ -138,6 +138,10 @@ class RawSampler:
         self.rounds.append(found)
         return found
 
+    def p50(self, backend: str, batch: int, *, duration_s: float) -> float:
+        """One timing of ``backend`` at ``batch`` (for pairing with a served point), its p50 in ms."""
+        return time_backend(self.backends[backend], self.batches[batch], name=backend, duration_s=duration_s).p50_ms
+
     def summary(self) -> dict[str, Any]:
         """Median of the rounds per (name, batch); every round kept too."""
         merged = [median_timing([r[i] for r in self.rounds]) for i in range(len(self.rounds[0]))]

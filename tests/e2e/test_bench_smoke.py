@@ -41,6 +41,11 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
         (b, n) for b in ("onnxruntime", "torchscript") for n in (1, 8)
     }
     assert results["raw"]["preprocess"]["calls"] > 0
+    paired = serving["paired_overhead"]
+    assert {(p["server"], p["protocol"]) for p in paired} == {
+        ("ours-ort-b8", p) for p in ("v2-http", "v2-grpc", "ts-http")
+    }
+    assert all(p["served_p50_ms"] > 0 and p["raw_p50_ms"] > 0 for p in paired)
 
     memory = {m["server"]: m for m in serving["memory_after_load"]}
     (ort,) = memory["ours-ort-b8"]["processes"]
@@ -53,5 +58,6 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
     report = md.read_text()
     assert results["command"].startswith("python -m bench") and "--quick" in results["command"]
     assert results["command"] in report
+    assert "Paired measurement" in report
     for section in ("## Goals", "## Serving: closed loop", "## Raw backends", "## Memory", "## GPU"):
         assert section in report
