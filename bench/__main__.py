@@ -229,10 +229,13 @@ def _serve(
     try:
         idle = [serving.memory(s) for s in servers]
         points = asyncio.run(serving.sweep(servers, images, plan, between=lambda: _sample(sampler)))
-        paired = _paired_overhead(options, plan, servers, images, sampler)
         loaded = [serving.memory(s) for s in servers]
+        # the overhead is one server's: the others (TorchServe's JVMs have timers) stop first
+        others = [s for s in servers if s.label != serving.GOAL_SERVER]
+        killed = serving.stop_servers(others)
+        paired = _paired_overhead(options, plan, servers, images, sampler)
     finally:
-        killed = serving.stop_servers(servers)
+        killed |= serving.stop_servers([s for s in servers if s.label not in killed])
     leftovers = {s.label: s.leftovers() for s in servers}
     return {
         "plan": asdict(plan), "points": points, "paired_overhead": paired, "memory_ready": idle,

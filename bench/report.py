@@ -276,8 +276,9 @@ def _paired_overhead_table(results: dict[str, Any]) -> str:
         return ""
     rounds = max(int(p["round"]) for p in results["serving"]["paired_overhead"]) + 1
     return (
-        f"Paired measurement (the goal's figure): {rounds} rounds, each timing the raw backend at batch 1 "
-        "in the benchmark process and then, straight after, the served point at concurrency 1; medians, "
+        f"Paired measurement (the goal's figure), after the sweep with the other servers stopped: {rounds} "
+        "rounds, each timing the raw backend at batch 1 in the benchmark process and then, straight after, the "
+        "served point at concurrency 1; medians, "
         "and the range of the round-by-round differences. Pairing keeps the VM's minute-to-minute drift "
         "(larger than the overhead) out of the difference.\n\n"
         + table(
