@@ -16,14 +16,12 @@ import logging
 import re
 import shlex
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from bench.__main__ import DEMO_IMAGES
-from bench.clients import PROTOCOLS, Endpoint, make_client
+from bench.__main__ import _images
+from bench.clients import PROTOCOLS, make_client
 from bench.loadgen import closed_loop
-from bench.servers import REPO, Running, _wait_until, child_env, free_port
+from bench.servers import Running, start_serve
 
 logger = logging.getLogger("bench.ab")
 
@@ -40,23 +38,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start(name: str, spec: str, *, store: Path, work: Path) -> Running:
+def _start(name: str, spec: str, *, store: Path, model: str, work: Path) -> Running:
+    """One variant's ``serve``: upper-case ``ENV=value`` words of ``spec`` go to its environment, the rest are flags."""
     words = shlex.split(spec)
     assignments = [w for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w)]
     env = dict(w.split("=", 1) for w in assignments)
     flags = [w for w in words if w not in assignments]
-    entry = ["-m", "service.cli"]
-    endpoint = Endpoint(free_port(), free_port())
-    cmd = [sys.executable, *entry, "--model-store", str(store), "--http-port", str(endpoint.http_port)]
-    cmd += ["--grpc-port", str(endpoint.grpc_port), "--log-level", "WARNING", *flags]
-    log = work / f"ab-{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(**env), cwd=REPO)
-    return Running(name, "ours", endpoint, "", (), process, log, process.pid)
+    return start_serve(store, model=model, work=work, label=f"ab-{name}", flags=flags, env=env)
 
 
 async def _rounds(servers: dict[str, Running], args: argparse.Namespace) -> dict[tuple[str, int], list[float]]:
-    images = [p.read_bytes() for p in sorted(DEMO_IMAGES.glob("*/*.jpg"))]
+    images = _images()
     found: dict[tuple[str, int], list[float]] = {}
     levels = [int(c) for c in args.concurrency.split(",")]
     for _ in range(args.rounds):
@@ -80,8 +72,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         for spec in args.variant:
             name, _, flags = spec.partition("=")
-            servers[name] = server = _start(name, flags, store=args.store, work=work)
-            _wait_until(server, f"{server.endpoint.url}/v2/models/{args.model}/ready", lambda r: r.status_code == 200)
+            servers[name] = _start(name, flags, store=args.store, model=args.model, work=work)
         found = asyncio.run(_rounds(servers, args))
     finally:
         for server in servers.values():

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,15 +111,24 @@ def start_ours(
     store: Path, *, model: str, backend: str, max_batch_size: int, work: Path, label: str, extra: tuple[str, ...] = ()
 ) -> Running:
     """``serve`` with one backend and batch size over ``store``; returns once ``model`` is ready."""
+    flags = ("--backend", backend, "--max-batch-size", str(max_batch_size), *extra)
+    return start_serve(store, model=model, work=work, label=label, flags=flags)
+
+
+def start_serve(
+    store: Path, *, model: str, work: Path, label: str, flags: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Running:
+    """``serve`` over ``store`` with ``flags`` (and ``env`` added to its environment); returns once ``model`` is
+    ready."""
     endpoint = Endpoint(free_port(), free_port())
     log = work / f"serve-{label}.log"
     cmd = [
         sys.executable, "-m", "service.cli", "--model-store", str(store),
-        "--http-port", str(endpoint.http_port), "--grpc-port", str(endpoint.grpc_port),
-        "--backend", backend, "--max-batch-size", str(max_batch_size), "--log-level", "WARNING", *extra,
+        "--http-port", str(endpoint.http_port), "--grpc-port", str(endpoint.grpc_port), "--log-level", "WARNING",
+        *flags,
     ]  # fmt: skip
     with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(**(env or {})), cwd=REPO)
     server = Running(label, "ours", endpoint, model, OUR_PROTOCOLS, process, log, process.pid)
     try:
         _wait_until(server, f"{endpoint.url}/v2/models/{model}/ready", lambda r: r.status_code == 200)
