@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine, raw, report, serving, training
-from bench.clients import HTTP_CLIENTS, PROTOCOLS
+from bench.clients import PROTOCOLS, SWEEP_CLIENTS
 from bench.servers import REPO, Running
 
 logger = logging.getLogger("bench")
@@ -72,12 +72,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", type=_ints, default=(1, 4, 8, 32), help="closed-loop levels")
     serve.add_argument("--duration", type=float, default=6.0, help="seconds measured per point")
     serve.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each point")
-    serve.add_argument("--repeats", type=int, default=3, help="rounds of the whole closed-loop sweep (median)")
+    serve.add_argument("--repeats", type=int, default=5, help="rounds of the whole closed-loop sweep (median)")
     serve.add_argument("--open-rate", type=float, help="open-loop arrivals/s (default: half the raw ceiling; 0: off)")
     serve.add_argument(
-        "--overhead-rounds", type=int, default=5, help="paired rounds (raw b1, then served c=1) for the overhead"
+        "--overhead-rounds", type=int, default=5, help="rounds of served c=1 interleaved with the raw pipeline"
     )
-    serve.add_argument("--http-client", choices=HTTP_CLIENTS, default="aiohttp", help="HTTP library of the load")
+    serve.add_argument("--http-client", choices=SWEEP_CLIENTS, default="lean", help="HTTP library of the load")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
     serve.add_argument("--raw-duration", type=float, default=4.0, help="seconds per raw backend measurement")
     serve.add_argument("--raw-fp16", action="store_true", help="also time the TorchScript model cast to FP16 (GPU)")
@@ -251,11 +251,10 @@ def _paired_overhead(
     target = next((s for s in servers if s.label == serving.GOAL_SERVER), None)
     if target is None or options.overhead_rounds <= 0 or "onnxruntime" not in sampler.backends:
         return []
-    duration = max(options.raw_duration / 2, 0.5)
     return asyncio.run(
         serving.paired_overhead(
             target, images, plan, rounds=options.overhead_rounds,
-            raw_p50=lambda: sampler.p50("onnxruntime", 1, duration_s=duration),
+            raw_step=lambda i: sampler.jpeg_step("onnxruntime", i),
         )
     )  # fmt: skip
 

@@ -138,9 +138,13 @@ class RawSampler:
         self.rounds.append(found)
         return found
 
-    def p50(self, backend: str, batch: int, *, duration_s: float) -> float:
-        """One timing of ``backend`` at ``batch`` (for pairing with a served point), its p50 in ms."""
-        return time_backend(self.backends[backend], self.batches[batch], name=backend, duration_s=duration_s).p50_ms
+    def jpeg_step(self, backend: str, index: int) -> tuple[float, float]:
+        """Decode and preprocess image ``index``, then run ``backend`` on it at batch 1: (seconds, seconds)."""
+        started = time.perf_counter()
+        batch = preprocess_bytes(self.images[index % len(self.images)], self.spec)[np.newaxis]
+        decoded = time.perf_counter()
+        self.backends[backend].run(batch)
+        return decoded - started, time.perf_counter() - decoded
 
     def summary(self) -> dict[str, Any]:
         """Median of the rounds per (name, batch); every round kept too."""

@@ -201,7 +201,7 @@ def serving_section(results: dict[str, Any]) -> str:
         f"## Serving: closed loop\n\nEach point: {plan['warmup_s']:g} s warm-up, then {plan['duration_s']:g} s "
         f"measured; {plan['repeats']} rounds of the whole sweep, each point interleaved server by server; the "
         "figures are the median of the rounds. One JPEG per request; our load generator (`bench/loadgen.py`, "
-        f"asyncio + {plan.get('http_client', 'httpx')} / grpc.aio) on the same machine. "
+        f"asyncio + {_http_client(plan)} / grpc.aio) on the same machine. "
         "`v2-http`: Open Inference Protocol, binary BYTES tensor in, binary probabilities out; `v2-grpc`: "
         "`ModelInfer`; `ts-http`: TorchServe's `POST /predictions/{model}`, top-5 JSON out.\n\n"
         "Throughput (requests/s = images/s):\n\n"
@@ -260,6 +260,11 @@ def ratios_section(results: dict[str, Any]) -> str:
     )
 
 
+def _http_client(plan: dict[str, Any]) -> str:
+    name = plan.get("http_client", "httpx")
+    return "its own HTTP/1.1 client (`bench.clients.LeanTransport`)" if name == "lean" else name
+
+
 def _short(label: str) -> str:
     return "TorchServe (TorchScript)" if TORCHSERVE_FORMATS[label] == "torchscript" else "TorchServe (ONNX)"
 
@@ -269,18 +274,23 @@ def _paired_overhead_table(results: dict[str, Any]) -> str:
     for protocol in dict.fromkeys(p["protocol"] for p in results.get("serving", {}).get("paired_overhead", [])):
         o = paired_overhead(results, GOAL_SERVER, protocol)
         if o is not None:
+            ranged = [  # median (range)
+                f"{fmt(o[k], 2)} ({fmt(o[k + '_min'], 2)} to {fmt(o[k + '_max'], 2)})" for k in ("total", "server")
+            ]
             rows.append([f"{describe(results, GOAL_SERVER)} · `{protocol}`", fmt(o["p50"], 2), fmt(o["raw"], 2),
-                         f"{fmt(o['total'], 2)} ({fmt(o['min'], 2)} to {fmt(o['max'], 2)})", fmt(o["pre"], 2),
-                         fmt(o["server"], 2)])  # fmt: skip
+                         ranged[0], fmt(o["pre"], 2), ranged[1]])  # fmt: skip
     if not rows:
         return ""
+    plan = results["serving"]["plan"]
     rounds = max(int(p["round"]) for p in results["serving"]["paired_overhead"]) + 1
     return (
         f"Paired measurement (the goal's figure), after the sweep with the other servers stopped: {rounds} "
-        "rounds, each timing the raw backend at batch 1 in the benchmark process and then, straight after, the "
-        "served point at concurrency 1; medians, "
-        "and the range of the round-by-round differences. Pairing keeps the VM's minute-to-minute drift "
-        "(larger than the overhead) out of the difference.\n\n"
+        f"rounds of {plan['duration_s']:g} s per protocol, each alternating blocks of 8 served requests at "
+        "concurrency 1 with blocks of 8 raw pipeline steps in the benchmark process (decode + preprocess of one "
+        "JPEG, then the backend at batch 1, timed separately), 10 ms apart. Both sides thus see the same seconds "
+        "of a machine whose speed drifts by more than the overhead. Medians over the rounds, with the range of "
+        "the round-by-round figures; overhead = served p50 minus the model's p50, beyond decode = served p50 "
+        "minus the p50 of decode + preprocess + model.\n\n"
         + table(
             [
                 "server · protocol",
@@ -288,7 +298,7 @@ def _paired_overhead_table(results: dict[str, Any]) -> str:
                 "raw b1 p50 ms",
                 "overhead ms (range)",
                 "decode+preprocess ms",
-                "rest ms",
+                "beyond decode ms (range)",
             ],
             rows,
         )

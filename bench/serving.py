@@ -14,13 +14,16 @@ cores something else was using meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench import procs
 from bench.clients import make_client
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # ours-<ort|ts>-b<max batch size>: batching on (8) and off (1), each backend
 DEFAULT_CONFIGS = ("ours-ort-b8", "ours-ort-b1", "ours-ts-b8", "ours-ts-b1")
+PROBE_CLIENT = "blocking"  # the paired overhead's client: the least client CPU per request
 GOAL_SERVER = "ours-ort-b8"  # the issue's goals are judged on our default: ONNX Runtime, batching on
 BACKENDS = {"ort": "onnxruntime", "ts": "torchscript"}
 TORCHSERVE = "torchserve"  # TorchServe with the TorchScript archive (the issue's baseline)
@@ -56,7 +60,7 @@ class Plan:
     ts_max_batch_delay_ms: int = 50
     timeout_s: float = 30.0
     serve_args: tuple[str, ...] = ()  # more flags for every ``serve``, e.g. --decode-workers 12
-    http_client: str = "aiohttp"  # the load generator's HTTP library
+    http_client: str = "lean"  # the load generator's HTTP library (bench.clients.HTTP_CLIENTS)
 
 
 def parse_config(label: str) -> tuple[str, int]:
@@ -168,25 +172,76 @@ async def measure(
 
 
 async def paired_overhead(
-    server: Running, images: list[bytes], plan: Plan, *, raw_p50: Callable[[], float], rounds: int
+    server: Running,
+    images: list[bytes],
+    plan: Plan,
+    *,
+    raw_step: Callable[[int], tuple[float, float]],
+    rounds: int,
+    block: int = 8,
+    pause_s: float = 0.01,
 ) -> list[dict[str, Any]]:
-    """Served p50 at concurrency 1 next to the raw backend's batch-1 p50 timed just before, round by round.
+    """Served latency at concurrency 1 interleaved with the raw pipeline, ``block`` requests at a time.
 
-    The machine's speed drifts by more than the overhead being measured, so each served point is
-    paired with a raw timing of the same minute and the report takes the median of the differences.
+    ``raw_step(i)`` decodes and preprocesses image ``i`` and runs the backend on it at batch 1 in
+    this process, returning both times in seconds. Each round alternates a block of raw steps and a
+    block of served requests for ``plan.duration_s``, so both sides see the same seconds of a machine
+    whose speed drifts by more than the overhead being measured; a short pause between blocks lets
+    the other side's threads go idle. Per round: the p50 of each side and their differences.
     """
     pairs = []
     for round_ in range(rounds):
         for protocol in plan.protocols:
             if protocol not in server.protocols:
                 continue
-            raw = raw_p50()
-            point = await measure(server, protocol, images, plan, concurrency=1, rate=0.0)
-            pairs.append({"round": round_, "server": server.label, "protocol": protocol, "served_p50_ms":
-                          point["p50_ms"], "raw_p50_ms": raw, "overhead_ms": point["p50_ms"] - raw})  # fmt: skip
-            logger.info("%-12s %-8s c=1 p50 %6.2f ms, raw batch 1 just before %6.2f ms: overhead %5.2f ms",
-                        server.label, protocol, point["p50_ms"], raw, point["p50_ms"] - raw)  # fmt: skip
+            client = make_client(protocol, server.endpoint, model=server.model, images=images, concurrency=1,
+                                 http=PROBE_CLIENT)  # fmt: skip
+            try:
+                pair = await _interleaved(client.send, raw_step, plan, block=block, pause_s=pause_s)
+            finally:
+                await client.aclose()
+            pairs.append({"round": round_, "server": server.label, "protocol": protocol, **pair})
+            logger.info("%-12s %-8s c=1 p50 %6.2f ms, raw model %6.2f ms, decode+model %6.2f ms: overhead %5.2f ms, "
+                        "%5.2f ms beyond decode", server.label, protocol, pair["served_p50_ms"], pair["raw_p50_ms"],
+                        pair["raw_jpeg_p50_ms"], pair["overhead_ms"], pair["beyond_decode_ms"])  # fmt: skip
     return pairs
+
+
+async def _interleaved(
+    send: Callable[[int], Awaitable[None]],
+    raw_step: Callable[[int], tuple[float, float]],
+    plan: Plan,
+    *,
+    block: int,
+    pause_s: float,
+) -> dict[str, Any]:
+    if plan.warmup_s > 0:
+        await closed_loop(send, concurrency=1, duration_s=plan.warmup_s, warmup_s=0, timeout_s=plan.timeout_s)
+    served: list[float] = []
+    pre: list[float] = []
+    model: list[float] = []
+    end = time.perf_counter() + plan.duration_s
+    index = 0
+    while time.perf_counter() < end:
+        for _ in range(block):  # blocks the event loop on purpose: nothing else is in flight at concurrency 1
+            decode_s, model_s = raw_step(index + len(pre))
+            pre.append(decode_s)
+            model.append(model_s)
+        await asyncio.sleep(pause_s)
+        for _ in range(block):
+            started = time.perf_counter()
+            async with asyncio.timeout(plan.timeout_s):
+                await send(index)
+            served.append(time.perf_counter() - started)
+            index += 1
+        await asyncio.sleep(pause_s)
+    ms = {name: 1000.0 * float(np.median(v)) for name, v in
+          (("served", served), ("pre", pre), ("model", model), ("jpeg", np.add(pre, model)))}  # fmt: skip
+    return {
+        "requests": len(served), "served_p50_ms": ms["served"], "raw_p50_ms": ms["model"],
+        "pre_p50_ms": ms["pre"], "raw_jpeg_p50_ms": ms["jpeg"], "overhead_ms": ms["served"] - ms["model"],
+        "beyond_decode_ms": ms["served"] - ms["jpeg"],
+    }  # fmt: skip
 
 
 def _point(

@@ -45,7 +45,9 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
     assert {(p["server"], p["protocol"]) for p in paired} == {
         ("ours-ort-b8", p) for p in ("v2-http", "v2-grpc", "ts-http")
     }
-    assert all(p["served_p50_ms"] > 0 and p["raw_p50_ms"] > 0 for p in paired)
+    for pair in paired:  # interleaved with the raw pipeline: both sides timed, decode apart
+        assert pair["requests"] > 0 and pair["served_p50_ms"] > 0 and pair["raw_p50_ms"] > 0 and pair["pre_p50_ms"] > 0
+        assert pair["raw_jpeg_p50_ms"] > pair["raw_p50_ms"]
 
     memory = {m["server"]: m for m in serving["memory_after_load"]}
     (ort,) = memory["ours-ort-b8"]["processes"]

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.manifest import Preprocess
-from service.preprocess import decode_image, preprocess_bytes, preprocess_image, to_rgb
+from service.preprocess import IMAGE_BLOCKS_CACHED, decode_image, preprocess_bytes, preprocess_image, to_rgb
 
 SPEC = Preprocess(resize=64, crop=56, interpolation="bilinear")
 
@@ -82,3 +85,27 @@ def test_pixel_cap_refuses_before_decoding() -> None:
     big = _encode(Image.new("L", (3000, 3000)), "PNG")
     with pytest.raises(PayloadTooLarge, match="over the limit"):
         decode_image(big, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_once(orientation: int) -> None:
+    upright = _random_image(6, 4, seed=orientation)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    buffer = io.BytesIO()
+    upright.save(buffer, format="PNG", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.size == ((4, 6) if orientation >= 5 else (6, 4))
+    assert np.array_equal(np.asarray(decoded), expected)
+    assert np.array_equal(np.asarray(to_rgb(decoded)), expected)  # already upright: not turned again
+    spec = Preprocess(resize=4, crop=4, interpolation="bilinear")
+    assert np.array_equal(preprocess_bytes(buffer.getvalue(), spec), preprocess_image(Image.fromarray(expected), spec))
+
+
+@pytest.mark.parametrize(("environment", "blocks"), [({}, IMAGE_BLOCKS_CACHED), ({"PILLOW_BLOCKS_MAX": "0"}, 0)])
+def test_pillow_memory_pool_is_on_unless_the_environment_says(environment: dict[str, str], blocks: int) -> None:
+    code = "import service.preprocess; from PIL import Image; print(Image.core.get_blocks_max())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PILLOW_")} | environment
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == blocks
