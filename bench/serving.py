@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -269,18 +270,28 @@ def _targets(
     ]
 
 
+def shuffled(items: list[Any], round_: int) -> list[Any]:
+    """``items`` as they are in round 0, in an order of its own (seeded by the round) in every later one."""
+    order = list(items)
+    if round_ > 0:
+        random.Random(round_).shuffle(order)
+    return order
+
+
 async def sweep(
     servers: list[Running], images: list[bytes], plan: Plan, *, between: Callable[[], object] | None = None
 ) -> list[dict[str, Any]]:
     """Closed-loop points (every concurrency, protocol and server, ``repeats`` rounds), then open-loop ones.
 
     ``between`` (e.g. a round of raw backend timings) runs after each concurrency level's points,
-    while the servers idle.
+    while the servers idle. Each round takes a level's points in a different order, so no point
+    always follows the same one (a TorchScript server's OpenMP threads still spinning, a JVM's
+    collector) and whatever a neighbour costs is spread over all of them.
     """
     points = []
     for round_ in range(plan.repeats):
         for concurrency in plan.concurrency:
-            for server, protocol in _targets(servers, plan.protocols):
+            for server, protocol in shuffled(_targets(servers, plan.protocols), round_):
                 point = await measure(server, protocol, images, plan, concurrency=concurrency, rate=0.0)
                 points.append(point | {"round": round_})
                 logger.info(
