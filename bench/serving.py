@@ -222,19 +222,17 @@ async def _interleaved(
     pre: list[float] = []
     model: list[float] = []
     end = time.perf_counter() + plan.duration_s
-    index = 0
     while time.perf_counter() < end:
         for _ in range(block):  # blocks the event loop on purpose: nothing else is in flight at concurrency 1
-            decode_s, model_s = raw_step(index + len(pre))
+            decode_s, model_s = raw_step(len(pre))
             pre.append(decode_s)
             model.append(model_s)
         await asyncio.sleep(pause_s)
         for _ in range(block):
             started = time.perf_counter()
             async with asyncio.timeout(plan.timeout_s):
-                await send(index)
+                await send(len(served))
             served.append(time.perf_counter() - started)
-            index += 1
         await asyncio.sleep(pause_s)
     ms = {name: 1000.0 * float(np.median(v)) for name, v in
           (("served", served), ("pre", pre), ("model", model), ("jpeg", np.add(pre, model)))}  # fmt: skip
