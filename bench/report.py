@@ -27,7 +27,7 @@ from bench.figures import (
     served,
     val,
 )
-from bench.serving import GOAL_SERVER, TORCHSERVE
+from bench.serving import GOAL_SERVER, PAIRED_BLOCK, PAIRED_PAUSE_S, TORCHSERVE
 
 ANALYSIS = Path(__file__).resolve().with_name("analysis.md")
 GOAL_CONCURRENCY = 8
@@ -285,9 +285,10 @@ def _paired_overhead_table(results: dict[str, Any]) -> str:
     rounds = max(int(p["round"]) for p in results["serving"]["paired_overhead"]) + 1
     return (
         f"Paired measurement (the goal's figure), after the sweep with the other servers stopped: {rounds} "
-        f"rounds of {plan['duration_s']:g} s per protocol, each alternating blocks of 8 served requests at "
-        "concurrency 1 with blocks of 8 raw pipeline steps in the benchmark process (decode + preprocess of one "
-        "JPEG, then the backend at batch 1, timed separately), 10 ms apart. Both sides thus see the same seconds "
+        f"rounds of {plan['duration_s']:g} s per protocol, each alternating blocks of {PAIRED_BLOCK} served requests "
+        f"at concurrency 1 with blocks of {PAIRED_BLOCK} raw pipeline steps in the benchmark process (decode + "
+        "preprocess of one JPEG, then the backend at batch 1, timed separately), "
+        f"{PAIRED_PAUSE_S * 1000:g} ms apart. Both sides thus see the same seconds "
         "of a machine whose speed drifts by more than the overhead. Medians over the rounds, with the range of "
         "the round-by-round figures; overhead = served p50 minus the model's p50, beyond decode = served p50 "
         "minus the p50 of decode + preprocess + model.\n\n"

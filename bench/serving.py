@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # ours-<ort|ts>-b<max batch size>: batching on (8) and off (1), each backend
 DEFAULT_CONFIGS = ("ours-ort-b8", "ours-ort-b1", "ours-ts-b8", "ours-ts-b1")
+PAIRED_BLOCK = 8  # paired overhead: served requests, then raw pipeline steps, this many at a time
+PAIRED_PAUSE_S = 0.01  # between blocks, so the other side's threads go idle
 PROBE_CLIENT = "blocking"  # the paired overhead's client: the least client CPU per request
 GOAL_SERVER = "ours-ort-b8"  # the issue's goals are judged on our default: ONNX Runtime, batching on
 BACKENDS = {"ort": "onnxruntime", "ts": "torchscript"}
@@ -179,8 +181,8 @@ async def paired_overhead(
     *,
     raw_step: Callable[[int], tuple[float, float]],
     rounds: int,
-    block: int = 8,
-    pause_s: float = 0.01,
+    block: int = PAIRED_BLOCK,
+    pause_s: float = PAIRED_PAUSE_S,
 ) -> list[dict[str, Any]]:
     """Served latency at concurrency 1 interleaved with the raw pipeline, ``block`` requests at a time.
 
