@@ -6,6 +6,10 @@ python -m bench.ab --store S --model resnet18 \\
 
 Each variant is ``name=<serve flags>``; upper-case ``ENV=value`` words among them go to the server's environment
 (e.g. ``OMP_WAIT_POLICY=PASSIVE``).
+
+``--paired-rounds N`` compares latency at concurrency 1 instead, the way the report's overhead is measured:
+per round and variant, blocks of served requests alternate with blocks of the raw pipeline in this process
+(decode + preprocess + ONNX Runtime at batch 1), and the medians over the rounds are printed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 from bench.__main__ import _images
 from bench.clients import PROTOCOLS, make_client
 from bench.loadgen import closed_loop
+from bench.raw import RawSampler
 from bench.servers import Running, start_serve
+from bench.serving import PROBE_CLIENT, interleaved, shuffled
 
 logger = logging.getLogger("bench.ab")
 
@@ -35,6 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,8", help="closed-loop levels, comma separated")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per point")
+    parser.add_argument("--paired-rounds", type=int, default=0, help="compare c=1 latency against the raw pipeline")
     return parser
 
 
@@ -64,6 +71,35 @@ async def _rounds(servers: dict[str, Running], args: argparse.Namespace) -> dict
     return found
 
 
+async def _paired(servers: dict[str, Running], args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
+    images = _images()
+    versions = sorted((p for p in (args.store / args.model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    sampler = RawSampler(versions[-1], images, backends=("onnxruntime",), batch_sizes=(1,), duration_s=1.0)
+    found: dict[str, list[dict[str, float]]] = {}
+    for round_ in range(args.paired_rounds):
+        for name in shuffled(list(servers), round_):
+            server = servers[name]
+            client = make_client(args.protocol, server.endpoint, model=args.model, images=images, concurrency=1,
+                                 http=PROBE_CLIENT)  # fmt: skip
+            try:
+                pair = await interleaved(client.send, lambda i: sampler.jpeg_step("onnxruntime", i),
+                                         duration_s=args.duration, warmup_s=1.0, timeout_s=30.0)  # fmt: skip
+            finally:
+                await client.aclose()
+            found.setdefault(name, []).append(pair)
+    return found
+
+
+def _print_paired(found: dict[str, list[dict[str, float]]]) -> None:
+    for name, pairs in found.items():
+        overhead = [p["overhead_ms"] for p in pairs]
+        beyond = [p["beyond_decode_ms"] for p in pairs]
+        served = statistics.median(p["served_p50_ms"] for p in pairs)
+        print(f"{name:16s} c=1 p50 {served:6.2f} ms  overhead {statistics.median(overhead):5.2f} ms "
+              f"(rounds: {' '.join(f'{v:.2f}' for v in overhead)})  beyond decode {statistics.median(beyond):5.2f} ms "
+              f"(rounds: {' '.join(f'{v:.2f}' for v in beyond)})")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -73,6 +109,9 @@ def main(args: argparse.Namespace) -> int:
         for spec in args.variant:
             name, _, flags = spec.partition("=")
             servers[name] = _start(name, flags, store=args.store, model=args.model, work=work)
+        if args.paired_rounds:
+            _print_paired(asyncio.run(_paired(servers, args)))
+            return 0
         found = asyncio.run(_rounds(servers, args))
     finally:
         for server in servers.values():

@@ -200,7 +200,8 @@ async def paired_overhead(
             client = make_client(protocol, server.endpoint, model=server.model, images=images, concurrency=1,
                                  http=PROBE_CLIENT)  # fmt: skip
             try:
-                pair = await _interleaved(client.send, raw_step, plan, block=block, pause_s=pause_s)
+                pair = await interleaved(client.send, raw_step, duration_s=plan.duration_s, warmup_s=plan.warmup_s,
+                                         timeout_s=plan.timeout_s, block=block, pause_s=pause_s)  # fmt: skip
             finally:
                 await client.aclose()
             pairs.append({"round": round_, "server": server.label, "protocol": protocol, **pair})
@@ -210,20 +211,23 @@ async def paired_overhead(
     return pairs
 
 
-async def _interleaved(
+async def interleaved(
     send: Callable[[int], Awaitable[None]],
     raw_step: Callable[[int], tuple[float, float]],
-    plan: Plan,
     *,
-    block: int,
-    pause_s: float,
+    duration_s: float,
+    warmup_s: float,
+    timeout_s: float,
+    block: int = PAIRED_BLOCK,
+    pause_s: float = PAIRED_PAUSE_S,
 ) -> dict[str, Any]:
-    if plan.warmup_s > 0:
-        await closed_loop(send, concurrency=1, duration_s=plan.warmup_s, warmup_s=0, timeout_s=plan.timeout_s)
+    """``block`` raw steps, then ``block`` served requests, alternating for ``duration_s``: the p50 of each side."""
+    if warmup_s > 0:
+        await closed_loop(send, concurrency=1, duration_s=warmup_s, warmup_s=0, timeout_s=timeout_s)
     served: list[float] = []
     pre: list[float] = []
     model: list[float] = []
-    end = time.perf_counter() + plan.duration_s
+    end = time.perf_counter() + duration_s
     while time.perf_counter() < end:
         for _ in range(block):  # blocks the event loop on purpose: nothing else is in flight at concurrency 1
             decode_s, model_s = raw_step(len(pre))
@@ -232,7 +236,7 @@ async def _interleaved(
         await asyncio.sleep(pause_s)
         for _ in range(block):
             started = time.perf_counter()
-            async with asyncio.timeout(plan.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 await send(len(served))
             served.append(time.perf_counter() - started)
         await asyncio.sleep(pause_s)

@@ -11,11 +11,11 @@ import asyncio
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.settings import BACKENDS, Settings, from_sources
+from service.settings import BACKENDS, EVENT_LOOPS, Settings, from_sources
 
 logger = logging.getLogger("service")
 
@@ -46,6 +46,7 @@ HELP = {
     "tls_cert": "PEM certificate: serve HTTPS and gRPC over TLS (with --tls-key)",
     "tls_key": "PEM private key for --tls-cert",
     "drain_timeout_s": "on SIGTERM, how long to let accepted requests finish (default 30)",
+    "event_loop": f"{', '.join(EVENT_LOOPS)}: the loop HTTP and gRPC share (auto: uvloop when installed)",
     "default_top_k": "labels in TorchServe-style answers (default 5)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -91,11 +92,25 @@ def main(args: argparse.Namespace) -> int:
     from service.server import serve
 
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except OSError as exc:
         logger.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for ``uvloop`` (and for ``auto`` when it is installed), else asyncio's default."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise OSError("event_loop=uvloop but uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -91,8 +91,9 @@ async def serve(settings: Settings) -> None:
     http_task = asyncio.create_task(http_server.serve())
     _start_metrics_server(settings)
     logger.info(
-        "serving %s: HTTP %s:%d, gRPC %s:%d",
+        "serving %s: HTTP %s:%d, gRPC %s:%d (event loop: %s)",
         settings.model_store, settings.host, settings.http_port, settings.host, settings.grpc_port,
+        type(loop).__module__.split(".")[0],
     )  # fmt: skip
     done, _ = await asyncio.wait({http_task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if http_task in done and http_task.exception() is not None:

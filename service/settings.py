@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 BACKENDS = ("auto", "onnxruntime", "torchscript")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 ENV_PREFIX = "SERVE_"
 
 
@@ -48,12 +49,15 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     drain_timeout_s: float = 30.0
+    event_loop: str = "auto"  # auto: uvloop when installed, else asyncio's own
     default_top_k: int = 5  # TorchServe-style answers: this many labels
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(f"log_level={self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop={self.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
         for model, backend in self.model_backends.items():

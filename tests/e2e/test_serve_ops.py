@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Package, Server, start_server
+from tests.e2e.protocols import PROTOCOLS, Endpoint, send_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TOKEN = "s3cret-token"
@@ -110,3 +111,17 @@ def test_sigterm_finishes_in_flight_requests(demo_package: Package, tmp_path: Pa
     for thread in threads:
         thread.join(timeout=60)
     assert statuses == [200] * 8
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_either_event_loop_serves_every_protocol(loop: str, demo_package: Package, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    server = start_server(demo_package.store, log, "--event-loop", loop)
+    try:
+        image, label = next(iter(sorted(demo_package.predictions.items())))
+        endpoint = Endpoint(server.http_port, server.grpc_port)
+        outcomes = [send_image(endpoint, protocol, image.read_bytes()) for protocol in PROTOCOLS]
+    finally:
+        assert server.stop() == 0, log.read_text()
+    assert all(o.ok and o.label == label for o in outcomes), outcomes
+    assert f"(event loop: {loop})" in log.read_text()

@@ -123,3 +123,21 @@ def test_a_bad_value_names_its_setting(capsys: pytest.CaptureFixture[str]) -> No
 def test_an_unknown_log_level_is_refused() -> None:
     with pytest.raises(ValueError, match="log_level"):
         resolve_settings(_parse("--log-level", "LOUD"))
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+
+    import uvloop
+
+    from service.cli import loop_factory
+
+    assert loop_factory("auto") is uvloop.new_event_loop and loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        assert isinstance(runner.get_loop(), uvloop.Loop)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(OSError, match="event_loop=uvloop but uvloop is not installed"):
+        loop_factory("uvloop")

@@ -110,6 +110,7 @@ def test_unknown_keys_are_rejected_naming_each(tmp_path: Path) -> None:
         ({"SERVE_MAX_BATCH_SIZE": "0"}, "must be at least 1"),
         ({"SERVE_MAX_QUEUE_SIZE": "0"}, "must be at least 1"),
         ({"SERVE_MODEL_INSTANCES": "0"}, "must be at least 1"),
+        ({"SERVE_EVENT_LOOP": "trio"}, "event_loop='trio' is not one of auto, uvloop, asyncio"),
     ],
 )
 def test_bad_values_are_refused(environ: dict[str, str], message: str) -> None:
