@@ -63,3 +63,24 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
     assert "Paired measurement" in report
     for section in ("## Goals", "## Serving: closed loop", "## Raw backends", "## Memory", "## GPU"):
         assert section in report
+
+
+def test_ab_compares_variants_and_their_paired_overhead(
+    demo_package: Package, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import ab
+
+    common = ["--store", str(demo_package.store), "--model", demo_package.name, "--duration", "0.5"]
+    variants = [
+        "--variant",
+        "ort=--backend onnxruntime",
+        "--variant",
+        "asyncio=--backend onnxruntime --event-loop asyncio",
+    ]
+    assert ab.main(ab.get_args_parser().parse_args([*common, *variants, "--concurrency", "2", "--rounds", "1"])) == 0
+    throughput = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in throughput] == [["asyncio", "c=2"], ["ort", "c=2"]], throughput
+    assert ab.main(ab.get_args_parser().parse_args([*common, *variants[:2], "--paired-rounds", "2"])) == 0
+    (paired,) = capsys.readouterr().out.splitlines()
+    assert paired.startswith("ort ") and "overhead" in paired and "beyond decode" in paired, paired
+    assert len(paired.split("(rounds: ")[1].split(")")[0].split()) == 2, paired
