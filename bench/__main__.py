@@ -166,8 +166,7 @@ def _package(options: Options, work: Path, results: dict[str, Any]) -> tuple[Pat
         model = options.model or (names[0] if len(names) == 1 else "")
         if model not in names:
             raise ValueError(f"--model: choose one of {names} in {store}")
-        versions = sorted((int(p.name) for p in (store / model).iterdir() if p.name.isdigit()), reverse=True)
-        return store, store / model / str(versions[0]), model
+        return store, newest_version(store / model), model
     data = _training_data(options, work)
     run = training.run_finetune(
         data, backbone=options.backbone, probe=False, work=work / "package", name=options.backbone,
@@ -177,6 +176,11 @@ def _package(options: Options, work: Path, results: dict[str, Any]) -> tuple[Pat
     results["training"].append(run.to_dict())
     assert run.package_dir is not None
     return work / "package" / "store", Path(run.package_dir), options.backbone
+
+
+def newest_version(model_dir: Path) -> Path:
+    """The package folder of a model's highest numbered version in a store."""
+    return max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def _training_data(options: Options, work: Path) -> Path:

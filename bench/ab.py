@@ -22,7 +22,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from bench.__main__ import _images
+from bench.__main__ import _images, newest_version
 from bench.clients import PROTOCOLS, make_client
 from bench.loadgen import closed_loop
 from bench.raw import RawSampler
@@ -73,8 +73,8 @@ async def _rounds(servers: dict[str, Running], args: argparse.Namespace) -> dict
 
 async def _paired(servers: dict[str, Running], args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     images = _images()
-    versions = sorted((p for p in (args.store / args.model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    sampler = RawSampler(versions[-1], images, backends=("onnxruntime",), batch_sizes=(1,), duration_s=1.0)
+    package = newest_version(args.store / args.model)
+    sampler = RawSampler(package, images, backends=("onnxruntime",), batch_sizes=(1,), duration_s=1.0)
     found: dict[str, list[dict[str, float]]] = {}
     for round_ in range(args.paired_rounds):
         for name in shuffled(list(servers), round_):
