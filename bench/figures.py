@@ -39,11 +39,31 @@ def points(results: dict[str, Any], **match: Any) -> list[dict[str, Any]]:
 
 def closed(results: dict[str, Any], server: str, protocol: str, concurrency: int) -> dict[str, float] | None:
     """Median over rounds of one closed-loop point's figures, or None when not measured."""
-    found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
-    if not found:
-        return None
     keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu_ms_per_request", "other_load_cores",
             "client_cpu")  # fmt: skip
+    found = points(results, server=server, protocol=protocol, mode="closed", concurrency=concurrency)
+    return _median_point(found, keys)
+
+
+def open_loop(results: dict[str, Any]) -> list[tuple[str, str, dict[str, float]]]:
+    """(server, protocol, figures) per open-loop point, in the order first measured: medians over the rounds,
+    errors and dropped requests summed over them."""
+    found = points(results, mode="open")
+    pairs = list(dict.fromkeys((p["server"], p["protocol"]) for p in found))
+    answer = []
+    for server, protocol in pairs:
+        mine = [p for p in found if (p["server"], p["protocol"]) == (server, protocol)]
+        figures = _median_point(mine, ("throughput", "p50_ms", "p95_ms", "p99_ms"))
+        assert figures is not None
+        totals = {k: float(sum(p[k] for p in mine)) for k in ("errors", "dropped")}
+        answer.append((server, protocol, figures | totals | {"rounds": float(len(mine))}))
+    return answer
+
+
+def _median_point(found: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float] | None:
+    """Each of ``keys`` as the median over the rounds' points, with the throughput's range."""
+    if not found:
+        return None
     figures = {k: statistics.median(float(p[k]) for p in found) for k in keys}
     rates = [float(p["throughput"]) for p in found]
     return figures | {"throughput_min": min(rates), "throughput_max": max(rates)}

@@ -17,6 +17,7 @@ from bench.figures import (
     backend_of,
     closed,
     describe,
+    open_loop,
     overhead,
     paired_overhead,
     paired_ratios,
@@ -342,20 +343,22 @@ def overhead_section(results: dict[str, Any]) -> str:
 
 
 def open_section(results: dict[str, Any]) -> str:
-    found = points(results, mode="open")
+    found = open_loop(results)
     if not found:
         return ""
     rows = [
-        [f"{describe(results, p['server'])} · `{p['protocol']}`", fmt(p["throughput"]), fmt(p["p50_ms"]),
-         fmt(p["p95_ms"]), fmt(p["p99_ms"]), str(p["errors"]), str(p["dropped"])]
-        for p in found
+        [f"{describe(results, server)} · `{protocol}`", spread(f), fmt(f["p50_ms"]),
+         fmt(f["p95_ms"]), fmt(f["p99_ms"]), str(int(f["errors"])), str(int(f["dropped"]))]
+        for server, protocol, f in found
     ]  # fmt: skip
-    rate = found[0]["rate"]
+    rate = points(results, mode="open")[0]["rate"]
+    rounds = int(found[0][2]["rounds"])
     return (
         f"## Serving: open loop at {rate:g} requests/s\n\nPoisson arrivals (seeded) for "
         f"{results['serving']['plan']['duration_s']:g} s, whatever the answers do; latency counted from each "
         "request's scheduled arrival; at most 256 in flight (more are dropped and counted). The rate is half "
-        "the best raw batch-8 throughput unless `--open-rate` says otherwise.\n\n"
+        f"the best raw batch-8 throughput unless `--open-rate` says otherwise. Medians over {rounds} round(s) "
+        "(answered/s: range over the rounds); errors and dropped requests: all rounds together.\n\n"
         + table(["server · protocol", "answered/s", "p50 ms", "p95 ms", "p99 ms", "errors", "dropped"], rows)
     )
 
