@@ -48,12 +48,11 @@ def closed(results: dict[str, Any], server: str, protocol: str, concurrency: int
 def open_loop(results: dict[str, Any]) -> list[tuple[str, str, dict[str, float]]]:
     """(server, protocol, figures) per open-loop point, in the order first measured: medians over the rounds,
     errors and dropped requests summed over them."""
-    found = points(results, mode="open")
-    pairs = list(dict.fromkeys((p["server"], p["protocol"]) for p in found))
+    pairs = dict.fromkeys((p["server"], p["protocol"]) for p in points(results, mode="open"))
     answer = []
     for server, protocol in pairs:
-        mine = [p for p in found if (p["server"], p["protocol"]) == (server, protocol)]
-        figures = _median_point(mine, ("throughput", "p50_ms", "p95_ms", "p99_ms"))
+        mine = points(results, mode="open", server=server, protocol=protocol)
+        figures = _median_point(mine, ("rate", "throughput", "p50_ms", "p95_ms", "p99_ms"))
         assert figures is not None
         totals = {k: float(sum(p[k] for p in mine)) for k in ("errors", "dropped")}
         answer.append((server, protocol, figures | totals | {"rounds": float(len(mine))}))

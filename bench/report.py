@@ -22,7 +22,6 @@ from bench.figures import (
     paired_overhead,
     paired_ratios,
     peak_rss,
-    points,
     ratio,
     raw_timing,
     served,
@@ -351,8 +350,7 @@ def open_section(results: dict[str, Any]) -> str:
          fmt(f["p95_ms"]), fmt(f["p99_ms"]), str(int(f["errors"])), str(int(f["dropped"]))]
         for server, protocol, f in found
     ]  # fmt: skip
-    rate = points(results, mode="open")[0]["rate"]
-    rounds = int(found[0][2]["rounds"])
+    rate, rounds = found[0][2]["rate"], int(found[0][2]["rounds"])
     return (
         f"## Serving: open loop at {rate:g} requests/s\n\nPoisson arrivals (seeded) for "
         f"{results['serving']['plan']['duration_s']:g} s, whatever the answers do; latency counted from each "
