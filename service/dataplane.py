@@ -23,7 +23,7 @@ from service import metrics
 from service.errors import DeadlineExceeded, Forbidden, InvalidInput, QueueFull, ShuttingDown, Unauthorized
 from service.explain import Explainer, cam_file
 from service.manifest import Manifest, Preprocess
-from service.preprocess import preprocess_bytes
+from service.preprocess import allow_pixels, preprocess_bytes
 from service.repository import READY, ModelEntry, ModelRepository
 from service.settings import Settings
 from service.types import (
@@ -66,6 +66,7 @@ class DataPlane:
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.settings = settings
+        allow_pixels(settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         self._draining = False
         self._decoding: dict[tuple[str, str], int] = {}  # requests being decoded, per model version

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -49,21 +48,32 @@ def reuse_image_memory(blocks: int = IMAGE_BLOCKS_CACHED, block_size: int = IMAG
 reuse_image_memory()
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit to ``max_pixels`` where it is lower.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (89 Mpx) and refuses above twice that, before
+    :func:`decode_image` applies its own cap; a process whose cap is higher calls this once at start.
+    The limit is process-wide, and only ever raised here.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
     """Decode encoded image bytes into an RGB PIL image.
 
     Raises InvalidInput naming ``source`` for empty, truncated or non-image data and
-    PayloadTooLarge for images over ``max_pixels`` (checked before pixels are decoded).
+    PayloadTooLarge for images over ``max_pixels`` (checked before pixels are decoded) or over
+    Pillow's own limit (see :func:`allow_pixels`). No warning filters are touched: they are
+    process-wide, and this runs on many threads at once.
     """
     if not data:
         raise InvalidInput(f"{source}: empty image data")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            _check_size(image, max_pixels, source)
-            image.load()
-            return to_rgb(image)  # inside: a damaged EXIF block fails here, in exif_transpose
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        _check_size(image, max_pixels, source)
+        image.load()
+        return to_rgb(image)  # inside: a damaged EXIF block fails here, in exif_transpose
     except (PayloadTooLarge, InvalidInput):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from service import metrics
 from service.dataplane import DataPlane, classification_strings, softmax
@@ -261,6 +262,14 @@ def test_a_corrupt_image_is_named_by_its_position(live: LivePlane, png: PngFacto
 def test_an_image_over_the_pixel_cap_is_payload_too_large(tiny_store: TinyStore, png: PngFactory) -> None:
     with pytest.raises(PayloadTooLarge, match=r"image\[0\]: 40x48 pixels is over the limit of 1000"):
         _infer(_settings(tiny_store.store, max_image_pixels=1000), _images_request([png(8)]))
+
+
+def test_a_pixel_cap_above_pillows_limit_decodes_what_it_allows(
+    tiny_store: TinyStore, png: PngFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # under the 40x48 test image; Pillow would refuse it
+    result = _infer(_settings(tiny_store.store, max_image_pixels=5000), _images_request([png(8)]))
+    assert result.outputs[0].shape[0] == 1 and Image.MAX_IMAGE_PIXELS == 5000
 
 
 @pytest.mark.parametrize("kind", ["bytes", "fp32"])

@@ -13,7 +13,14 @@ from PIL import ExifTags, Image, ImageOps
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.manifest import Preprocess
-from service.preprocess import IMAGE_BLOCKS_CACHED, decode_image, preprocess_bytes, preprocess_image, to_rgb
+from service.preprocess import (
+    IMAGE_BLOCKS_CACHED,
+    allow_pixels,
+    decode_image,
+    preprocess_bytes,
+    preprocess_image,
+    to_rgb,
+)
 
 SPEC = Preprocess(resize=64, crop=56, interpolation="bilinear")
 
@@ -85,6 +92,27 @@ def test_pixel_cap_refuses_before_decoding() -> None:
     big = _encode(Image.new("L", (3000, 3000)), "PNG")
     with pytest.raises(PayloadTooLarge, match="over the limit"):
         decode_image(big, max_pixels=1_000_000)
+
+
+def test_a_cap_above_pillows_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns above its MAX_IMAGE_PIXELS and refuses above twice it; our cap decides instead."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    between, beyond = _encode(Image.new("RGB", (12, 12))), _encode(Image.new("RGB", (20, 20)))
+    with pytest.warns(Image.DecompressionBombWarning):  # 144 px: Pillow's warning, not an error
+        assert decode_image(between, max_pixels=1000).size == (12, 12)
+    with pytest.raises(PayloadTooLarge, match="too large to decode"):  # 400 px: Pillow refuses
+        decode_image(beyond, max_pixels=1000)
+    allow_pixels(1000)
+    assert decode_image(beyond, max_pixels=1000).size == (20, 20)
+
+
+def test_allow_pixels_only_ever_raises_pillows_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    allow_pixels(50)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a process that turned Pillow's check off
+    allow_pixels(50)
+    assert Image.MAX_IMAGE_PIXELS is None
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
