@@ -9,39 +9,30 @@ tensorboard/, train.log, history.json, metrics.json, test_* evaluation files, re
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune import backbones, data, metrics, transforms
+from finetune import backbones, data, metrics, release, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.distributed import init_from_env
-from finetune.explain import export_for_package
-from finetune.export import export_and_check
-from finetune.loop import EpochStats, Runtime, StepContext, cross_entropy, predict, train_one_epoch
+from finetune.loop import EpochStats, StepContext, cross_entropy, predict, resolve_runtime, train_one_epoch
 from finetune.optim import build_optimizer, build_scheduler
-from finetune.publish import PackageSpec, PublishError, publish_package
+from finetune.publish import check_writable
 from finetune.tblog import TensorBoardLog
-from finetune.torchserve import archive_for_torchserve
-from service.explain import EXPLAIN_KEY
 from service.manifest import Preprocess
 
 logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
-PUBLISHED = "published.txt"
-PARITY_IMAGES = 16
 
 
 @dataclass
@@ -68,35 +59,6 @@ def default_name(config: TrainConfig) -> str:
         return config.name
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.data.resolve().name).strip("-.")
     return cleaned or "model"
-
-
-def resolve_runtime(config: TrainConfig) -> Runtime:
-    """Device, AMP dtype and memory format: AMP and channels_last only on CUDA unless asked for."""
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    amp = config.amp
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    return Runtime(device, dtype, channels_last=config.channels_last and device.type == "cuda", scaler=scaler)
-
-
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PublishError(f"model store {folder} is not writable: {exc.strerror or exc}") from exc
 
 
 def run_training(config: TrainConfig) -> RunResult:
@@ -130,7 +92,7 @@ class Trainer:
             self.dist.close()
 
     def _run(self) -> RunResult:
-        published = self.run_dir / PUBLISHED
+        published = self.run_dir / release.PUBLISHED
         if published.is_file():
             package = Path(published.read_text(encoding="utf-8").strip())
             logger.info("this run is already finished and published at %s", package)
@@ -141,7 +103,8 @@ class Trainer:
         if not self.dist.is_main:  # rank 0 alone evaluates, exports and publishes
             return RunResult(self.run_dir, None)
         test_metrics = self._evaluate_test()
-        package = self._export_and_publish(test_metrics)
+        self.tb.close()
+        package = release.export_and_publish(self._finished(), self.model, test_metrics)
         return RunResult(self.run_dir, package, test_metrics)
 
     def _open_run_dir(self) -> None:
@@ -151,7 +114,7 @@ class Trainer:
         if not resuming and self.run_dir.exists():
             raise ValueError(f"run folder {self.run_dir} already exists; pick another --run-name or --resume it")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _check_writable(self.config.model_store)  # fail now, not after hours of training
+        check_writable(self.config.model_store)  # fail now, not after hours of training
         handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -414,95 +377,12 @@ class Trainer:
         result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
         result["loss"] = cross_entropy(logits, targets)
         metrics.write_evaluation(result, self.run_dir, split="test")
-        self._write_predictions(logits)
+        release.write_predictions(self.run_dir, self.splits, logits)
         self.tb.figure("test/confusion_matrix", metrics.confusion_figure(result["confusion_matrix"], self.labels), 0)
         logger.info(
             "test accuracy %.4f, macro F1 %.4f on %d images", result["accuracy"], result["macro"]["f1"], len(targets)
         )
         return result
 
-    def _write_predictions(self, logits: np.ndarray) -> None:
-        """Per-image test predictions, so a server's answers can be compared image by image."""
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        lines = ["path\ttrue\tpredicted\tprobability"]
-        for sample, row in zip(self.splits.test, probs, strict=True):
-            top = int(row.argmax())
-            lines.append(f"{sample.path}\t{self.labels[sample.label]}\t{self.labels[top]}\t{row[top]:.6f}")
-        (self.run_dir / "test_predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    def _parity_images(self) -> torch.Tensor:
-        preset = transforms.eval_transform(self.backbone.preprocess)
-        samples = self.splits.val[:PARITY_IMAGES]
-        return torch.stack([data.ImageDataset(samples, preset)[i][0] for i in range(len(samples))])
-
-    def _export_and_publish(self, test_metrics: dict[str, Any]) -> Path:
-        cfg = self.config
-        export_dir = self.run_dir / "export"
-        export_dir.mkdir(exist_ok=True)
-        eager = copy.deepcopy(self.model).cpu().to(memory_format=torch.contiguous_format).float().eval()
-        images = self._parity_images()
-        reports = export_and_check(
-            eager, images, export_dir, formats=cfg.export_formats, opset=cfg.opset, atol=cfg.parity_atol
-        )
-        extra_files = export_for_package(eager, self.backbone.name, images[:2], export_dir)
-        parity = {fmt: report.to_dict() for fmt, report in reports.items()}
-        checks = [report.describe() for report in reports.values()]
-        for line in checks:
-            logger.info("export check %s", line)
-        self._write_metrics(test_metrics, parity, checks)
-        spec = PackageSpec(
-            name=cfg.name,
-            backbone=self.backbone.name,
-            labels=tuple(self.labels),
-            preprocess=self.backbone.preprocess,
-            metrics=self._summary_metrics(test_metrics, parity),
-            extra={
-                "run": str(self.run_dir.resolve()),
-                "weights": self.backbone.weights,
-                "onnx_opset": parity.get("onnx", {}).get("opset"),
-            }
-            | ({EXPLAIN_KEY: extra_files[0]} if extra_files else {}),
-        )
-        package = publish_package(
-            spec,
-            export_dir=export_dir,
-            store=cfg.model_store,
-            formats=cfg.export_formats,
-            version=cfg.version,
-            extra_files=extra_files,
-        )
-        (self.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
-        self.tb.close()
-        archive_for_torchserve(package, store=cfg.model_store, mode=cfg.torchserve)
-        return package
-
-    def _summary_metrics(self, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
-        keys = ("accuracy", f"top{self.config.topk}_accuracy", "loss", "num_samples")
-        return {
-            "test": {k: test[k] for k in keys if k in test}
-            | {"macro_f1": test["macro"]["f1"], "weighted_f1": test["weighted"]["f1"]},
-            "best_val": self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {},
-            "export_parity": parity,
-        }
-
-    def _write_metrics(self, test: dict[str, Any], parity: dict[str, Any], checks: list[str]) -> None:
-        best_val = self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {}
-        payload = {
-            "test": test,
-            "best_epoch": self.state.best_epoch,
-            "best_val": best_val,
-            "history": self.state.history,
-            "export_parity": parity,
-            "skipped_images": [[str(p), reason] for p, reason in self.splits.skipped],
-        }
-        (self.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        (self.run_dir / "history.json").write_text(json.dumps(self.state.history, indent=2), encoding="utf-8")
-        report = [metrics.format_report(test, title=f"{self.config.name}: test set ({self.backbone.name})")]
-        report.append(f"\nBest validation epoch: {self.state.best_epoch} of {self.state.epoch}.\n")
-        report.append("## Export checks\n")
-        report += [f"- {line}" for line in checks]
-        if self.splits.skipped:
-            report.append("\n## Skipped images\n")
-            report += [f"- `{path}`: {reason}" for path, reason in self.splits.skipped]
-        (self.run_dir / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    def _finished(self) -> release.FinishedRun:
+        return release.FinishedRun(self.config, self.run_dir, self.backbone, self.splits, self.state)

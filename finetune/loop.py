@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.config import TrainConfig
+
 logger = logging.getLogger(__name__)
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,6 +37,24 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_runtime(config: TrainConfig) -> Runtime:
+    """Device, AMP dtype and memory format: AMP and channels_last only on CUDA unless asked for."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    amp = config.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or off on CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return Runtime(device, dtype, channels_last=config.channels_last and device.type == "cuda", scaler=scaler)
 
 
 @dataclass

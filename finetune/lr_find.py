@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from finetune import backbones, cli, data, transforms
 from finetune.config import TrainConfig
-from finetune.engine import default_name, resolve_runtime
-from finetune.loop import Runtime
+from finetune.engine import default_name
+from finetune.loop import Runtime, resolve_runtime
 
 logger = logging.getLogger(__name__)
 

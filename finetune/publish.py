@@ -38,6 +38,17 @@ class PackageSpec:
     extra: dict[str, Any]
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PublishError(f"model store {folder} is not writable: {exc.strerror or exc}") from exc
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that produced the exports."""
     import onnx

@@ -1,0 +1,139 @@
+"""What a trained run leaves behind: its test files, checked exports, the package and its .mar.
+
+Once the best checkpoint is evaluated, :func:`write_predictions` writes the per-image test answers,
+and :func:`export_and_publish`, given the engine's :class:`FinishedRun`, writes the exports (checked
+against the eager model), metrics.json and report.md, the package in the model store and its
+TorchServe archive.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune import backbones, data, metrics, transforms
+from finetune.checkpoint import TrainState
+from finetune.config import TrainConfig
+from finetune.explain import export_for_package
+from finetune.export import export_and_check
+from finetune.publish import PackageSpec, publish_package
+from finetune.torchserve import archive_for_torchserve
+from service.explain import EXPLAIN_KEY
+
+logger = logging.getLogger(__name__)
+PUBLISHED = "published.txt"  # in the run folder: the package's path, once published
+PARITY_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """The parts of a trained run that its outputs are written from."""
+
+    config: TrainConfig
+    run_dir: Path
+    backbone: backbones.Backbone
+    splits: data.DataSplits
+    state: TrainState
+
+    @property
+    def best_val(self) -> dict[str, Any]:
+        return self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {}
+
+
+def write_predictions(run_dir: Path, splits: data.DataSplits, logits: np.ndarray) -> None:
+    """Per-image test predictions, so a server's answers can be compared image by image."""
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    lines = ["path\ttrue\tpredicted\tprobability"]
+    for sample, row in zip(splits.test, probs, strict=True):
+        top = int(row.argmax())
+        lines.append(f"{sample.path}\t{splits.classes[sample.label]}\t{splits.classes[top]}\t{row[top]:.6f}")
+    (run_dir / "test_predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[str, Any]) -> Path:
+    """Export ``model`` and check each format against it, write the run's reports, publish, archive."""
+    cfg = run.config
+    export_dir = run.run_dir / "export"
+    export_dir.mkdir(exist_ok=True)
+    eager = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).float().eval()
+    images = _parity_images(run)
+    formats, opset, atol = cfg.export_formats, cfg.opset, cfg.parity_atol
+    reports = export_and_check(eager, images, export_dir, formats=formats, opset=opset, atol=atol)
+    extra_files = export_for_package(eager, run.backbone.name, images[:2], export_dir)
+    parity = {fmt: report.to_dict() for fmt, report in reports.items()}
+    checks = [report.describe() for report in reports.values()]
+    for line in checks:
+        logger.info("export check %s", line)
+    _write_metrics(run, test_metrics, parity, checks)
+    spec = PackageSpec(
+        name=cfg.name,
+        backbone=run.backbone.name,
+        labels=tuple(run.splits.classes),
+        preprocess=run.backbone.preprocess,
+        metrics=_summary_metrics(run, test_metrics, parity),
+        extra={
+            "run": str(run.run_dir.resolve()),
+            "weights": run.backbone.weights,
+            "onnx_opset": parity.get("onnx", {}).get("opset"),
+        }
+        | ({EXPLAIN_KEY: extra_files[0]} if extra_files else {}),
+    )
+    package = publish_package(
+        spec,
+        export_dir=export_dir,
+        store=cfg.model_store,
+        formats=cfg.export_formats,
+        version=cfg.version,
+        extra_files=extra_files,
+    )
+    (run.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
+    archive_for_torchserve(package, store=cfg.model_store, mode=cfg.torchserve)
+    return package
+
+
+def _parity_images(run: FinishedRun) -> torch.Tensor:
+    """The first validation images, through the eval transform: what the exports are checked on."""
+    preset = transforms.eval_transform(run.backbone.preprocess)
+    samples = run.splits.val[:PARITY_IMAGES]
+    return torch.stack([data.ImageDataset(samples, preset)[i][0] for i in range(len(samples))])
+
+
+def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", f"top{run.config.topk}_accuracy", "loss", "num_samples")
+    return {
+        "test": {k: test[k] for k in keys if k in test}
+        | {"macro_f1": test["macro"]["f1"], "weighted_f1": test["weighted"]["f1"]},
+        "best_val": run.best_val,
+        "export_parity": parity,
+    }
+
+
+def _write_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any], checks: list[str]) -> None:
+    state, skipped = run.state, run.splits.skipped
+    payload = {
+        "test": test,
+        "best_epoch": state.best_epoch,
+        "best_val": run.best_val,
+        "history": state.history,
+        "export_parity": parity,
+        "skipped_images": [[str(p), reason] for p, reason in skipped],
+    }
+    (run.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (run.run_dir / "history.json").write_text(json.dumps(state.history, indent=2), encoding="utf-8")
+    report = [metrics.format_report(test, title=f"{run.config.name}: test set ({run.backbone.name})")]
+    report.append(f"\nBest validation epoch: {state.best_epoch} of {state.epoch}.\n")
+    report.append("## Export checks\n")
+    report += [f"- {line}" for line in checks]
+    if skipped:
+        report.append("\n## Skipped images\n")
+        report += [f"- `{path}`: {reason}" for path, reason in skipped]
+    (run.run_dir / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
