@@ -122,8 +122,10 @@ BAD_IMAGES: dict[str, tuple[Callable[[bytes], bytes], int, str]] = {
     "zero-size-png": (lambda good: zero_size_png(), 400, "not a recognised image|zero size"),
     # over the server's 4 Mpx cap, under Pillow's own bomb check (89 Mpx): our cap refuses it
     "bomb-5000x5000": (lambda good: bomb(5000), 413, f"over the limit of {PIXEL_CAP}"),
-    # over Pillow's own limit (89 Mpx) too
-    "bomb-10000x10000": (lambda good: bomb(10000), 413, "too large"),
+    # over Pillow's own warning limit (89 Mpx) too: Pillow only warns, our cap refuses it by name
+    "bomb-10000x10000": (lambda good: bomb(10000), 413, f"10000x10000 pixels is over the limit of {PIXEL_CAP}"),
+    # over twice Pillow's limit: Pillow refuses it while opening, before our cap is asked
+    "bomb-15000x15000": (lambda good: bomb(15000), 413, "too large to decode"),
 }
 
 
