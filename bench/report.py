@@ -164,6 +164,8 @@ def _goal(
     if value is None:
         return [name, target, "not measured", "–"]
     verdict = "–" if check is None else ("**met**" if check(value) else "**not met**")
+    while check is not None and digits < 4 and check(round(value, digits)) != check(value):
+        digits += 1  # 0.848 must not read as 0.85 beside "not met"
     return [name, target, f"{fmt(value, digits)}{unit}", verdict]
 
 
