@@ -103,8 +103,8 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
 def _parity_images(run: FinishedRun) -> torch.Tensor:
     """The first validation images, through the eval transform: what the exports are checked on."""
     preset = transforms.eval_transform(run.backbone.preprocess)
-    samples = run.splits.val[:PARITY_IMAGES]
-    return torch.stack([data.ImageDataset(samples, preset)[i][0] for i in range(len(samples))])
+    dataset = data.ImageDataset(run.splits.val[:PARITY_IMAGES], preset)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
 def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
