@@ -77,6 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--overhead-rounds", type=int, default=5, help="rounds of served c=1 interleaved with the raw pipeline"
     )
+    serve.add_argument(
+        "--ratio-rounds", type=int, default=10, help="rounds of adjacent ours / TorchServe / raw windows at c=8"
+    )
+    serve.add_argument("--ratio-window", type=float, default=3.0, help="seconds per window of those rounds")
     serve.add_argument("--http-client", choices=SWEEP_CLIENTS, default="lean", help="HTTP library of the load")
     serve.add_argument("--open-protocols", type=_csv, default=("ts-http",), help="protocols of the open-loop points")
     serve.add_argument("--raw-duration", type=float, default=4.0, help="seconds per raw backend measurement")
@@ -106,6 +110,8 @@ class Options:
     raw_duration: float
     raw_fp16: bool
     overhead_rounds: int
+    ratio_rounds: int
+    ratio_window: float
     open_rate: float | None
     training: bool
     train_backbones: tuple[str, ...]
@@ -139,7 +145,7 @@ def resolve(args: argparse.Namespace) -> Options:
     options = Options(
         store=str(args.store) if args.store else None, model=args.model, backbone=args.backbone,
         img_size=args.img_size, device=args.device, plan=plan, raw_duration=args.raw_duration, raw_fp16=args.raw_fp16,
-        overhead_rounds=args.overhead_rounds,
+        overhead_rounds=args.overhead_rounds, ratio_rounds=args.ratio_rounds, ratio_window=args.ratio_window,
         open_rate=args.open_rate, training=not args.skip_training, train_backbones=tuple(args.train_backbones),
         train_images_per_class=args.train_images_per_class, train_copies=args.train_copies,
         train_batch_size=args.train_batch_size, train_workers=args.train_workers, note=args.note,
@@ -148,7 +154,9 @@ def resolve(args: argparse.Namespace) -> Options:
         quick = replace(plan, concurrency=(1, 8), duration_s=1.0, warmup_s=0.3, repeats=1)
         if tuple(args.configs) == serving.DEFAULT_CONFIGS:
             quick = replace(quick, configs=("ours-ort-b8", "ours-ts-b8"))
-        options = replace(options, plan=quick, raw_duration=0.5, training=False, overhead_rounds=1)
+        options = replace(
+            options, plan=quick, raw_duration=0.5, training=False, overhead_rounds=1, ratio_rounds=1, ratio_window=0.5
+        )
         options = replace(options, open_rate=args.open_rate if args.open_rate is not None else 10.0)
     return options
 
@@ -234,18 +242,35 @@ def _serve(
         idle = [serving.memory(s) for s in servers]
         points = asyncio.run(serving.sweep(servers, images, plan, between=lambda: _sample(sampler)))
         loaded = [serving.memory(s) for s in servers]
-        # the overhead is one server's: the others (TorchServe's JVMs have timers) stop first
-        others = [s for s in servers if s.label != serving.GOAL_SERVER]
-        killed = serving.stop_servers(others)
+        # the paired phases need one or two servers: the others (TorchServe's JVMs have timers) stop first
+        killed = serving.stop_servers([s for s in servers if s.label not in (serving.GOAL_SERVER, serving.TORCHSERVE)])
+        ratios = _paired_throughput(options, plan, servers, images, sampler)
+        killed |= serving.stop_servers([s for s in servers if s.label == serving.TORCHSERVE])
         paired = _paired_overhead(options, plan, servers, images, sampler)
     finally:
         killed |= serving.stop_servers([s for s in servers if s.label not in killed])
     leftovers = {s.label: s.leftovers() for s in servers}
     return {
-        "plan": asdict(plan), "points": points, "paired_overhead": paired, "memory_ready": idle,
-        "memory_after_load": loaded, "killed_at_stop": killed, "left_running": leftovers,
+        "plan": asdict(plan), "points": points, "paired_throughput": ratios, "paired_overhead": paired,
+        "memory_ready": idle, "memory_after_load": loaded, "killed_at_stop": killed, "left_running": leftovers,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
+
+
+def _paired_throughput(
+    options: Options, plan: serving.Plan, servers: list[Running], images: list[bytes], sampler: raw.RawSampler
+) -> list[dict[str, Any]]:
+    """The throughput goals' ratios: ours (ONNX Runtime, batch <= 8), TorchServe and raw batch 8 side by side."""
+    target = next((s for s in servers if s.label == serving.GOAL_SERVER), None)
+    if target is None or options.ratio_rounds <= 0 or "onnxruntime" not in sampler.backends or 8 not in sampler.batches:
+        return []
+    baseline = next((s for s in servers if s.label == serving.TORCHSERVE), None)
+    return asyncio.run(
+        serving.paired_throughput(
+            target, baseline, images, plan, rounds=options.ratio_rounds, window_s=options.ratio_window,
+            raw_window=lambda seconds: sampler.throughput("onnxruntime", 8, seconds),
+        )
+    )  # fmt: skip
 
 
 def _paired_overhead(

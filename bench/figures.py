@@ -134,6 +134,23 @@ def paired_overhead(results: dict[str, Any], server: str, protocol: str) -> dict
     }  # fmt: skip
 
 
+def paired_throughput(results: dict[str, Any], protocol: str) -> dict[str, float | None] | None:
+    """Medians over the rounds of adjacent ours / TorchServe / raw windows (one protocol of ours), with ranges.
+
+    ``vs_torchserve`` and ``vs_raw`` are medians of the round-by-round ratios, not ratios of medians.
+    """
+    rounds = [p for p in results.get("serving", {}).get("paired_throughput", []) if p["protocol"] == protocol]
+    if not rounds:
+        return None
+    figures: dict[str, float | None] = {"rounds": float(len(rounds))}
+    for key in ("ours", "torchserve", "raw", "vs_torchserve", "vs_raw"):
+        values = [float(p[key]) for p in rounds if p.get(key) is not None]
+        figures[key] = statistics.median(values) if values else None
+        figures[key + "_min"] = min(values) if values else None
+        figures[key + "_max"] = max(values) if values else None
+    return figures
+
+
 def overhead(results: dict[str, Any], server: str, protocol: str, backend: str) -> dict[str, float] | None:
     """Served p50 at concurrency 1 against the raw backend's batch-1 p50, and against decode+preprocess too."""
     point, raw1 = closed(results, server, protocol, 1), raw_timing(results, backend, 1)

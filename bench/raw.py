@@ -138,6 +138,11 @@ class RawSampler:
         self.rounds.append(found)
         return found
 
+    def throughput(self, backend: str, batch: int, duration_s: float) -> float:
+        """Items per second of ``backend`` on this sampler's ``batch``-image batch, called for ``duration_s``."""
+        found = time_backend(self.backends[backend], self.batches[batch], name=backend, duration_s=duration_s)
+        return found.items_per_second
+
     def jpeg_step(self, backend: str, index: int) -> tuple[float, float]:
         """Decode and preprocess image ``index``, then run ``backend`` on it at batch 1: (seconds, seconds)."""
         started = time.perf_counter()

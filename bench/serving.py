@@ -20,7 +20,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ PAIRED_BLOCK = 8  # paired overhead: served requests, then raw pipeline steps, t
 PAIRED_PAUSE_S = 0.01  # between blocks, so the other side's threads go idle
 PROBE_CLIENT = "blocking"  # the paired overhead's client: the least client CPU per request
 GOAL_SERVER = "ours-ort-b8"  # the issue's goals are judged on our default: ONNX Runtime, batching on
+GOAL_CONCURRENCY = 8  # ... and their throughput ratios at this concurrency
 BACKENDS = {"ort": "onnxruntime", "ts": "torchscript"}
 TORCHSERVE = "torchserve"  # TorchServe with the TorchScript archive (the issue's baseline)
 TORCHSERVE_LABELS = {"torchscript": TORCHSERVE, "onnx": "torchserve-onnx"}  # archive format -> label
@@ -209,6 +210,53 @@ async def paired_overhead(
                         "%5.2f ms beyond decode", server.label, protocol, pair["served_p50_ms"], pair["raw_p50_ms"],
                         pair["raw_jpeg_p50_ms"], pair["overhead_ms"], pair["beyond_decode_ms"])  # fmt: skip
     return pairs
+
+
+async def paired_throughput(
+    server: Running,
+    baseline: Running | None,
+    images: list[bytes],
+    plan: Plan,
+    *,
+    raw_window: Callable[[float], float],
+    rounds: int,
+    window_s: float,
+    concurrency: int = GOAL_CONCURRENCY,
+) -> list[dict[str, Any]]:
+    """The goals' throughput ratios from adjacent short windows, median over many rounds.
+
+    Per round and protocol of ``server``: one closed-loop window of ours, one of ``baseline``
+    (TorchServe, over its own API; None skips it) and ``raw_window(window_s)`` (the raw backend
+    in this process, items/s), in an order of their own each time, ``window_s`` each after a
+    short unmeasured warm-up. The three sit within seconds of each other, so a slow spell of the
+    machine (on this VM: 30-40 % slower for seconds at a time) mostly slows all of them, or
+    spoils one round that the median then outvotes.
+    """
+    window = replace(plan, duration_s=window_s, warmup_s=min(plan.warmup_s, window_s))
+    found = []
+    for round_ in range(rounds):
+        for protocol in [p for p in plan.protocols if p in server.protocols]:
+            sides: dict[str, float | None] = {"ours": None, "torchserve": None, "raw": None}
+            order = ["ours", "raw"] + (["torchserve"] if baseline is not None else [])
+            for side in shuffled(order, 1 + round_ * len(plan.protocols) + plan.protocols.index(protocol)):
+                if side == "raw":
+                    sides["raw"] = raw_window(window_s)
+                    continue
+                target, api = (server, protocol) if side == "ours" else (baseline, "ts-http")
+                assert target is not None
+                point = await measure(target, api, images, window, concurrency=concurrency, rate=0.0)
+                sides[side] = point["throughput"] if point["errors"] == 0 else None
+            ours, theirs, raw = sides["ours"], sides["torchserve"], sides["raw"]
+            entry = {
+                "round": round_, "server": server.label, "protocol": protocol, "concurrency": concurrency,
+                "ours": ours, "torchserve": theirs, "raw": raw,
+                "vs_torchserve": ours / theirs if ours is not None and theirs else None,
+                "vs_raw": ours / raw if ours is not None and raw else None,
+            }  # fmt: skip
+            found.append(entry)
+            logger.info("paired c=%d %-8s ours %5.1f req/s, TorchServe %s, raw %5.1f img/s", concurrency, protocol,
+                        ours or 0.0, "-" if theirs is None else f"{theirs:5.1f} req/s", raw or 0.0)  # fmt: skip
+    return found
 
 
 async def interleaved(

@@ -41,6 +41,13 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
         (b, n) for b in ("onnxruntime", "torchscript") for n in (1, 8)
     }
     assert results["raw"]["preprocess"]["calls"] > 0
+    ratios = serving["paired_throughput"]  # adjacent windows of ours and the raw backend (no TorchServe here)
+    assert [(p["server"], p["protocol"]) for p in ratios] == [
+        ("ours-ort-b8", p) for p in ("v2-http", "v2-grpc", "ts-http")
+    ]
+    for entry in ratios:
+        assert entry["ours"] > 0 and entry["raw"] > 0 and entry["vs_raw"] == entry["ours"] / entry["raw"]
+        assert entry["torchserve"] is None and entry["vs_torchserve"] is None
     paired = serving["paired_overhead"]
     assert {(p["server"], p["protocol"]) for p in paired} == {
         ("ours-ort-b8", p) for p in ("v2-http", "v2-grpc", "ts-http")
@@ -60,7 +67,7 @@ def test_quick_benchmark_measures_every_protocol_and_cleans_up(demo_package: Pac
     report = md.read_text()
     assert results["command"].startswith("python -m bench") and "--quick" in results["command"]
     assert results["command"] in report
-    assert "Paired measurement" in report
+    assert "Paired measurement" in report and "Paired rounds" in report
     for section in ("## Goals", "## Serving: closed loop", "## Raw backends", "## Memory", "## GPU"):
         assert section in report
 
