@@ -1,6 +1,6 @@
 """``python -m bench``: measure serving and training side by side, write BENCHMARKS.md and bench/results.json.
 
-python -m bench                        # the full run (about 35 minutes on 2 cores)
+python -m bench                        # the full run (about an hour on 2 cores)
 python -m bench --quick --store S --model M --skip-torchserve   # seconds: the smoke test's run
 python -m bench --render bench/results.json     # rewrite BENCHMARKS.md from saved results
 """
