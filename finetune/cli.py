@@ -64,6 +64,19 @@ def _add_io_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--opset", type=int, help="ONNX opset (default 18)")
     group.add_argument("--parity-atol", type=float, help="absolute logit tolerance of the export check (default 1e-3)")
+    group.add_argument(
+        "--int8",
+        type=_bool,
+        help="calibrate an int8 model (NNCF) and publish it when the accuracy guard passes (default false)",
+    )
+    group.add_argument(
+        "--calibration-images", type=int, help="int8 calibration: stratified sample of the training split (default 300)"
+    )
+    group.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        help="points of accuracy bf16/int8 may lose against fp32 on held-out images, paired test (default 0.5)",
+    )
     group.add_argument("--resume", type=Path, help="continue a killed run from its run folder's last checkpoint")
 
 

@@ -9,14 +9,15 @@ from typing import Any
 
 import yaml
 
+from service.registry import EXPORT_FORMATS
+
 OPTIMIZERS = ("adamw", "sgd")
 BALANCE_MODES = ("auto", "weights", "sampler", "none")
 AUGMENT_MODES = ("none", "light", "strong")
 MIX_MODES = ("none", "mixup", "cutmix", "both")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
-EXPORT_FORMATS = ("torchscript", "onnx")
-TORCHSERVE_MODES = ("none", "torchscript", "onnx", "both")  # .mar archives written after publishing
+TORCHSERVE_MODES = ("none", *EXPORT_FORMATS, "both")  # .mar archives written after publishing
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class TrainConfig:
     torchserve: str = "torchscript"
     opset: int = 18
     parity_atol: float = 1e-3
+    int8: bool = False  # calibrate an int8 model.int8.onnx and publish it if the accuracy guard passes
+    calibration_images: int = 300  # stratified sample of the training split
+    max_accuracy_drop: float = 0.5  # points of accuracy a reduced precision may lose against fp32
     topk: int = 5
     tta: bool = False  # test evaluation averages the logits of each image and its mirror image
     tensorboard: bool = True
@@ -84,6 +88,10 @@ class TrainConfig:
             raise ValueError("val_split and test_split must be in [0, 1) and sum to less than 1")
         if self.lr <= 0 or self.backbone_lr_scale < 0:
             raise ValueError("lr must be > 0 and backbone_lr_scale >= 0")
+        if self.int8 and "onnx" not in self.export_formats:
+            raise ValueError("int8 is calibrated from the ONNX export: keep onnx in export_formats")
+        if self.calibration_images < 1 or self.max_accuracy_drop < 0:
+            raise ValueError("calibration_images must be at least 1 and max_accuracy_drop >= 0")
 
     @property
     def linear_probe(self) -> bool:

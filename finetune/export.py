@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.jit._trace import TracerWarning
 
-from service.manifest import FORMAT_FILES
+from service.registry import EXPORT_FORMATS, FORMAT_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ def _prepare(model: nn.Module, example: Tensor) -> Tensor:
     return example.detach().to("cpu", torch.float32).contiguous()
 
 
-def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Path:
-    """Trace ``model`` (eval mode, CPU) on ``example`` (N,3,H,W) and save it; load with ``torch.jit.load``."""
+def export_torchscript(model: nn.Module, example: Tensor, path: Path, *, opset: int = 0) -> Path:
+    """Trace ``model`` (eval mode, CPU) on ``example`` (N,3,H,W) and save it; load with ``torch.jit.load``.
+
+    ``opset`` is ONNX's and unused here: every exporter takes the same arguments (see EXPORTERS).
+    """
     example = _prepare(model, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_tracing(), torch.no_grad():
@@ -194,7 +197,12 @@ def compare_logits(
     return ParityReport(fmt, max_abs_diff, tolerance, agreement, num_images, passed=passed)
 
 
-_FORMATS = ("torchscript", "onnx")
+Exporter = Callable[..., Path]
+# every format the registry says finetune exports: how to write it and how to run it back (the check)
+EXPORTERS: dict[str, tuple[Exporter, Callable[[Path, np.ndarray], np.ndarray]]] = {
+    "torchscript": (export_torchscript, run_torchscript),
+    "onnx": (export_onnx, run_onnx),
+}
 _HINT = (
     "Look for Python branches on tensor values or sizes in the model's forward (run with DEBUG logging to see "
     "the tracer warnings), try another --opset for ONNX, or export only the formats that pass "
@@ -216,12 +224,12 @@ def export_and_check(
     """Export ``model`` to each format in ``out_dir`` and check it against the eager model on ``images``.
 
     ``images`` is a batch of real preprocessed validation images (N,3,H,W). The model is put in
-    eval mode on CPU (and left so). Files are named by ``service.manifest.FORMAT_FILES``. Raises
+    eval mode on CPU (and left so). Files are named by ``service.registry.FORMAT_FILES``. Raises
     ExportCheckError if any format fails to export, load, run, or match; returns one report per format.
     """
-    unknown = [fmt for fmt in formats if fmt not in _FORMATS]
+    unknown = [fmt for fmt in formats if fmt not in EXPORTERS]
     if unknown or not formats:
-        raise ValueError(f"unknown export formats {unknown}; choose from {list(_FORMATS)}")
+        raise ValueError(f"unknown export formats {unknown}; choose from {list(EXPORT_FORMATS)}")
     batch = _prepare(model, images)
     if batch.ndim != 4 or batch.shape[0] == 0:
         raise ValueError(f"need a non-empty (N,3,H,W) batch of images, got shape {tuple(batch.shape)}")
@@ -259,13 +267,10 @@ def _export_one(
     rtol: float,
 ) -> ParityReport:
     path = out_dir / FORMAT_FILES[fmt]
+    export, run = EXPORTERS[fmt]
     try:
-        if fmt == "onnx":
-            export_onnx(model, example, path, opset=opset)
-            candidate = run_onnx(path, batch.numpy())
-        else:
-            export_torchscript(model, example, path)
-            candidate = run_torchscript(path, batch.numpy())
+        export(model, example, path, opset=opset)
+        candidate = run(path, batch.numpy())
     except ExportCheckError:
         raise
     except Exception as exc:  # any failure to export, load or run is a failed check, not a crash

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.torchserve import FORMATS, ArchiveError, Ports, build_mar, modes_to_formats
+from service.registry import PRECISION_CHOICES
 
 logger = logging.getLogger("finetune")
 
@@ -32,6 +33,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="TorchServe minWorkers = maxWorkers")
     parser.add_argument("--response-timeout-s", type=int, default=120, help="TorchServe responseTimeout")
     parser.add_argument("--top-k", type=int, default=5, help="labels in each answer")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="our handler's precision, chosen and checked as serve --precision does (an ONNX archive carries the "
+        "package's model.int8.onnx and parity set)",
+    )
     parser.add_argument("--http-port", type=int, default=8080, help="inference port; management +1, metrics +2")
     parser.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference port; gRPC management +1")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 response_timeout_s=args.response_timeout_s,
                 top_k=args.top_k,
+                precision=args.precision,
                 ports=ports,
             )
             print(f"archived: {path}")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.manifest import FORMAT_FILES, MANIFEST_FILE, Manifest, Preprocess, TensorSpec, next_version, sha256_file
+from service.manifest import MANIFEST_FILE, Manifest, Preprocess, TensorSpec, next_version, sha256_file
 from service.manifest import validate_name as _validate_name
+from service.registry import FORMAT_FILES
 
 logger = logging.getLogger(__name__)
 INPUT_NAME = "input"
@@ -28,7 +29,7 @@ class PublishError(RuntimeError):
 
 @dataclass(frozen=True)
 class PackageSpec:
-    """What a package is made of, apart from its files."""
+    """What a package is made of, apart from its model files; ``parity`` names the parity set's files."""
 
     name: str
     backbone: str
@@ -36,6 +37,7 @@ class PackageSpec:
     preprocess: Preprocess
     metrics: dict[str, Any]
     extra: dict[str, Any]
+    parity: dict[str, str] = field(default_factory=dict)
 
 
 def check_writable(folder: Path) -> None:
@@ -85,6 +87,7 @@ def build_manifest(
         versions=library_versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra=spec.extra,
+        parity=dict(spec.parity),
     )
 
 
@@ -99,9 +102,11 @@ def publish_package(
 ) -> Path:
     """Copy the exports and a manifest into ``store/<name>/<version>/`` atomically; returns that folder.
 
-    ``extra_files`` (e.g. the Grad-CAM ``cam.pt``) are copied too and listed in the manifest with their sha256.
+    ``extra_files`` (e.g. the Grad-CAM ``cam.pt``) and the parity set's files are copied too and listed
+    in the manifest with their sha256.
     """
     _validate(spec.name)
+    extra_files = (*extra_files, *(name for name in spec.parity.values() if name not in extra_files))
     wanted = [FORMAT_FILES[f] for f in formats] + list(extra_files)
     missing = [name for name in wanted if not (export_dir / name).is_file()]
     if missing:

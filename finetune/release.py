@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune import backbones, data, metrics, transforms
+from finetune import backbones, data, metrics, quantize
 from finetune.checkpoint import TrainState
 from finetune.config import TrainConfig
 from finetune.explain import export_for_package
@@ -27,10 +27,12 @@ from finetune.export import export_and_check
 from finetune.publish import PackageSpec, publish_package
 from finetune.torchserve import archive_for_torchserve
 from service.explain import EXPLAIN_KEY
+from service.preprocess import normalize_array
 
 logger = logging.getLogger(__name__)
 PUBLISHED = "published.txt"  # in the run folder: the package's path, once published
-PARITY_IMAGES = 16
+PARITY_IMAGES = 32  # validation images the exports are checked on, and the package's parity set
+PARITY_FILES = {"images": "parity_images.npy", "logits": "parity_logits.npy"}
 
 
 @dataclass(frozen=True)
@@ -60,38 +62,46 @@ def write_predictions(run_dir: Path, splits: data.DataSplits, logits: np.ndarray
 
 
 def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[str, Any]) -> Path:
-    """Export ``model`` and check each format against it, write the run's reports, publish, archive."""
+    """Export ``model`` and check each format against it, judge the reduced precisions, write the run's
+    reports, publish the package (with its parity set), archive it."""
     cfg = run.config
     export_dir = run.run_dir / "export"
     export_dir.mkdir(exist_ok=True)
     eager = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).float().eval()
-    images = _parity_images(run)
+    spec = run.backbone.preprocess
+    pixels = quantize.load_pixels(run.splits.val[:PARITY_IMAGES], spec)
+    images = torch.from_numpy(np.stack([normalize_array(p, spec) for p in pixels]))
     formats, opset, atol = cfg.export_formats, cfg.opset, cfg.parity_atol
     reports = export_and_check(eager, images, export_dir, formats=formats, opset=opset, atol=atol)
+    write_parity_set(export_dir, pixels, quantize.eager_runner(eager)(images.numpy()))
     extra_files = export_for_package(eager, run.backbone.name, images[:2], export_dir)
+    evidence = _precisions(run, eager, export_dir)
     parity = {fmt: report.to_dict() for fmt, report in reports.items()}
     checks = [report.describe() for report in reports.values()]
     for line in checks:
         logger.info("export check %s", line)
-    _write_metrics(run, test_metrics, parity, checks)
-    spec = PackageSpec(
+    for line in evidence.lines():
+        logger.info("precision %s", line)
+    _write_metrics(run, test_metrics, parity, checks + evidence.lines(), evidence.metrics)
+    package_spec = PackageSpec(
         name=cfg.name,
         backbone=run.backbone.name,
         labels=tuple(run.splits.classes),
-        preprocess=run.backbone.preprocess,
-        metrics=_summary_metrics(run, test_metrics, parity),
+        preprocess=spec,
+        metrics=_summary_metrics(run, test_metrics, parity) | {"precisions": evidence.metrics},
         extra={
             "run": str(run.run_dir.resolve()),
             "weights": run.backbone.weights,
             "onnx_opset": parity.get("onnx", {}).get("opset"),
         }
         | ({EXPLAIN_KEY: extra_files[0]} if extra_files else {}),
+        parity=dict(PARITY_FILES),
     )
     package = publish_package(
-        spec,
+        package_spec,
         export_dir=export_dir,
         store=cfg.model_store,
-        formats=cfg.export_formats,
+        formats=(*cfg.export_formats, *evidence.formats),
         version=cfg.version,
         extra_files=extra_files,
     )
@@ -100,11 +110,27 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
     return package
 
 
-def _parity_images(run: FinishedRun) -> torch.Tensor:
-    """The first validation images, through the eval transform: what the exports are checked on."""
-    preset = transforms.eval_transform(run.backbone.preprocess)
-    dataset = data.ImageDataset(run.splits.val[:PARITY_IMAGES], preset)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+def write_parity_set(export_dir: Path, pixels: np.ndarray, logits: np.ndarray) -> None:
+    """The parity set: uint8 (N, H, W, 3) preprocessed pixels and the eager model's float32 logits for them."""
+    np.save(export_dir / PARITY_FILES["images"], np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+    np.save(export_dir / PARITY_FILES["logits"], np.asarray(logits, dtype=np.float32), allow_pickle=False)
+
+
+def _precisions(run: FinishedRun, eager: nn.Module, export_dir: Path) -> quantize.Evidence:
+    """bf16 and (``--int8 true``) int8 judged on every held-out image: validation and test, once each."""
+    cfg = run.config
+    held_out = tuple({s.path: s for s in (*run.splits.val, *run.splits.test)}.values())
+    int8 = quantize.Int8Options(run.splits.train, cfg.calibration_images) if cfg.int8 else None
+    return quantize.evaluate(
+        export_dir,
+        eager,
+        held_out,
+        run.backbone.preprocess,
+        classes=run.splits.classes,
+        int8=int8,
+        max_accuracy_drop=cfg.max_accuracy_drop,
+        seed=cfg.seed,
+    )
 
 
 def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +143,9 @@ def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, A
     }
 
 
-def _write_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any], checks: list[str]) -> None:
+def _write_metrics(
+    run: FinishedRun, test: dict[str, Any], parity: dict[str, Any], checks: list[str], precisions: dict[str, Any]
+) -> None:
     state, skipped = run.state, run.splits.skipped
     payload = {
         "test": test,
@@ -125,13 +153,14 @@ def _write_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any
         "best_val": run.best_val,
         "history": state.history,
         "export_parity": parity,
+        "precisions": precisions,
         "skipped_images": [[str(p), reason] for p, reason in skipped],
     }
     (run.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     (run.run_dir / "history.json").write_text(json.dumps(state.history, indent=2), encoding="utf-8")
     report = [metrics.format_report(test, title=f"{run.config.name}: test set ({run.backbone.name})")]
     report.append(f"\nBest validation epoch: {state.best_epoch} of {state.epoch}.\n")
-    report.append("## Export checks\n")
+    report.append("## Export checks and reduced precisions\n")
     report += [f"- {line}" for line in checks]
     if skipped:
         report.append("\n## Skipped images\n")

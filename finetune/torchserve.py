@@ -30,15 +30,25 @@ from pathlib import Path
 
 from finetune.config import TORCHSERVE_MODES
 from finetune.publish import PublishError
-from service.manifest import FORMAT_FILES, MANIFEST_FILE, Manifest, load_manifest, verify_files
+from service.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_files
+from service.registry import BACKENDS, EXPORT_FORMATS, FORMAT_FILES, PRECISION_CHOICES, derived_formats
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = EXPORT_FORMATS
 DEFAULT_FORMAT = "torchscript"
 HANDLER = Path(__file__).resolve().with_name("ts_handler.py")
 SERVICE_DIR = Path(__file__).resolve().parents[1] / "service"
-SHARED_MODULES = ("errors.py", "manifest.py", "preprocess.py", "backends.py")  # of service/, see _check_closed
+# of service/, see _check_closed: the handler's imports and every registered backend's module
+SHARED_MODULES = (
+    "errors.py",
+    "manifest.py",
+    "preprocess.py",
+    "registry.py",
+    "backends.py",
+    "precision.py",
+    *(f"{spec.module.rpartition('.')[2]}.py" for spec in BACKENDS.values()),
+)
 MODEL_CONFIG = "model-config.yaml"
 CONFIG_PROPERTIES = "config.properties"
 LOOPBACK = "127.0.0.1"
@@ -105,14 +115,19 @@ def build_mar(
     workers: int = 1,
     response_timeout_s: int = 120,
     top_k: int = 5,
+    precision: str = "auto",
     ports: Ports | None = None,
 ) -> Path:
     """Archive the package at ``package_dir`` into ``out_dir/archive_name(...)`` and write ``config.properties``.
 
     The package is verified (sha256 of every file) first; the archive is checked (handler, model
-    and shared modules listed) before it replaces an older one. Raises ArchiveError.
+    and shared modules listed) before it replaces an older one. The files made from the model file
+    (an ONNX archive's ``model.int8.onnx``) and the parity set travel with it, so our handler chooses
+    and checks the precision (``precision``, as ``serve --precision``) the way ``serve`` does. Raises ArchiveError.
     """
     _check_format(fmt)
+    if precision not in PRECISION_CHOICES:
+        raise ArchiveError(f"precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     if min(batch_size, workers, response_timeout_s, top_k) < 1 or max_batch_delay_ms < 0:
         raise ArchiveError("batch_size, workers, response_timeout_s and top_k must be >= 1, max_batch_delay_ms >= 0")
     manifest = _verified_manifest(package_dir, fmt)
@@ -120,7 +135,7 @@ def build_mar(
     target = out_dir / archive_name(manifest.name, fmt)
     staging = Path(tempfile.mkdtemp(prefix=".mar-staging-", dir=out_dir))  # same file system: rename is atomic
     try:
-        extra = _stage_extra_files(package_dir, staging / "extra")
+        extra = _stage_extra_files(package_dir, staging / "extra", manifest=manifest, fmt=fmt)
         config = staging / MODEL_CONFIG
         config.write_text(
             model_config_yaml(
@@ -129,6 +144,7 @@ def build_mar(
                 workers=workers,
                 response_timeout_s=response_timeout_s,
                 top_k=top_k,
+                precision=precision,
             ),
             encoding="utf-8",
         )
@@ -159,11 +175,19 @@ def _verified_manifest(package_dir: Path, fmt: str) -> Manifest:
     return manifest
 
 
-def _stage_extra_files(package_dir: Path, extra: Path) -> Path:
-    """A folder whose items the archiver copies into the archive root: manifest.json and service/."""
+def riders(manifest: Manifest, fmt: str) -> list[str]:
+    """Package files that travel with a ``fmt`` model: the files made from it (int8) and the parity set."""
+    derived = [manifest.formats[f] for f in derived_formats(fmt) if f in manifest.formats]
+    return derived + list(manifest.parity.values())
+
+
+def _stage_extra_files(package_dir: Path, extra: Path, *, manifest: Manifest, fmt: str) -> Path:
+    """A folder whose items the archiver copies into the archive root: manifest.json, riders and service/."""
     shared = extra / "service"
     shared.mkdir(parents=True)
     shutil.copy2(package_dir / MANIFEST_FILE, extra / MANIFEST_FILE)
+    for name in riders(manifest, fmt):
+        shutil.copy2(package_dir / name, extra / name)
     (shared / "__init__.py").write_text(_SHARED_INIT, encoding="utf-8")
     for module in SHARED_MODULES:
         shutil.copy2(SERVICE_DIR / module, shared / module)
@@ -230,15 +254,22 @@ def check_archive(path: Path, *, model_file: str) -> dict[str, object]:
 
 
 def model_config_yaml(
-    *, batch_size: int, max_batch_delay_ms: int, workers: int, response_timeout_s: int, top_k: int
+    *,
+    batch_size: int,
+    max_batch_delay_ms: int,
+    workers: int,
+    response_timeout_s: int,
+    top_k: int,
+    precision: str = "auto",
 ) -> str:
-    """TorchServe's per-model config (``--config-file``): batching, workers, and our handler's top-k."""
+    """TorchServe's per-model config (``--config-file``): batching, workers, our handler's top-k and precision."""
     return (
         "# TorchServe model config written by imgclf (finetune/torchserve.py)\n"
         f"minWorkers: {workers}\nmaxWorkers: {workers}\n"
         f"batchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay_ms}  # milliseconds\n"
         f"responseTimeout: {response_timeout_s}  # seconds\n"
         f"handler:\n  top_k: {top_k}  # labels per answer\n"
+        f"  precision: {precision}  # auto, fp32, bf16 or int8, chosen and checked as serve --precision does\n"
     )
 
 

@@ -3,7 +3,9 @@
 It does not subclass TorchServe's ``BaseHandler`` (that imports its profiler/ONNX/IPEX switches
 at import time) and needs no captum. It reads the package's ``manifest.json`` from the model
 dir, preprocesses with :func:`service.preprocess.preprocess_bytes` and runs the model with
-:mod:`service.backends`: the very modules the ``serve`` server uses, shipped inside the archive
+:mod:`service.precision`, which chooses and checks the backend and precision as ``serve --precision``
+does (``handler.precision`` in the model config, default auto): the very modules the ``serve`` server
+uses, shipped inside the archive
 under ``service/`` (TorchServe puts the model dir first on the worker's ``PYTHONPATH``).
 ``model.pt`` loads with ``torch.jit.load`` (nothing is unpickled), ``model.onnx`` with
 onnxruntime, which TorchServe's own handlers cannot run.
@@ -19,6 +21,7 @@ TorchServe's image_classifier; a bad image fails only its own request (status 40
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
@@ -27,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from service.backends import FORMAT_OF_BACKEND, Backend, load_backend, warm_up
+from service.backends import Backend, warm_up
 from service.errors import InvalidInput, PackageError, ServiceError
 from service.manifest import Manifest, load_manifest, sha256_file
+from service.precision import select
 from service.preprocess import preprocess_bytes
+from service.registry import backends_reading, derived_formats
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +48,31 @@ JSON = "application/json"
 class ImageClassifier:
     """One TorchServe worker's model: manifest, backend and top-k; ``handle`` answers a batch."""
 
-    def __init__(self, model_dir: Path, *, model_file: str, device: str = "cpu", top_k: int = DEFAULT_TOP_K) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        model_file: str,
+        device: str = "cpu",
+        top_k: int = DEFAULT_TOP_K,
+        precision: str = "auto",
+        batch_size: int = 8,
+    ) -> None:
         self.manifest: Manifest = load_manifest(model_dir)
-        backend_name = backend_for_file(self.manifest, model_file)
-        verify_model_file(model_dir, self.manifest, model_file)
-        self.backend: Backend = load_backend(model_dir, self.manifest, requested=backend_name, device=device)
+        fmt = format_of_file(self.manifest, model_file)
+        shipped = archived_manifest(model_dir, self.manifest, fmt)
+        for name in shipped.formats.values():
+            verify_model_file(model_dir, self.manifest, name)
+        choice = select(
+            model_dir,
+            shipped,
+            backend=backend_for_format(fmt),
+            precision=precision,
+            device=device,
+            batch_size=batch_size,
+        )
+        self.backend: Backend = choice.backend
+        self.reason = choice.reason
         self.top_k = max(1, min(top_k, self.manifest.num_classes))
 
     @classmethod
@@ -56,20 +81,24 @@ class ImageClassifier:
         props = context.system_properties
         gpu_id = props.get("gpu_id")
         handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        batch_size = int(props.get("batch_size") or 1)
         classifier = cls(
             Path(props["model_dir"]),
             model_file=context.manifest["model"]["serializedFile"],
             device="cpu" if gpu_id is None else f"cuda:{int(gpu_id)}",
             top_k=int(handler_config.get("top_k", DEFAULT_TOP_K)),
+            precision=str(handler_config.get("precision", "auto")),
+            batch_size=batch_size,
         )
-        batch_size = int(props.get("batch_size") or 1)
         warm_up(classifier.backend, classifier.manifest, batch_sizes=sorted({1, batch_size}))
         logger.info(
-            "imgclf handler: %s v%s on %s/%s, preprocessing from %s",
+            "imgclf handler: %s v%s on %s %s/%s (%s), preprocessing from %s",
             classifier.manifest.name,
             classifier.manifest.version,
             classifier.backend.name,
+            classifier.backend.precision,
             classifier.backend.device,
+            classifier.reason or "no other candidate",
             inspect.getsourcefile(preprocess_bytes),
         )
         return classifier
@@ -99,13 +128,27 @@ class ImageClassifier:
         return {self.manifest.labels[i]: float(probs[i]) for i in order}
 
 
-def backend_for_file(manifest: Manifest, model_file: str) -> str:
-    """The service backend ("torchscript" | "onnxruntime") for the archive's serialized file."""
-    backend_of_format = {fmt: backend for backend, fmt in FORMAT_OF_BACKEND.items()}
+def format_of_file(manifest: Manifest, model_file: str) -> str:
+    """The registry format of the archive's serialized file."""
     for fmt, file_name in manifest.formats.items():
-        if file_name == model_file and fmt in backend_of_format:
-            return backend_of_format[fmt]
+        if file_name == model_file:
+            return fmt
     raise PackageError(f"{model_file!r} is not a model file of {manifest.name} v{manifest.version}: {manifest.formats}")
+
+
+def backend_for_format(fmt: str) -> str:
+    """The backend to ask for: the one that reads ``fmt``, or "auto" (timed) where several do."""
+    readers = backends_reading(fmt)
+    if not readers:
+        raise PackageError(f"no backend reads {fmt} files")
+    return readers[0] if len(readers) == 1 else "auto"
+
+
+def archived_manifest(model_dir: Path, manifest: Manifest, fmt: str) -> Manifest:
+    """The manifest as this archive has it: the serialized format and the formats made from it that travelled."""
+    formats = {f: manifest.formats[f] for f in (fmt, *derived_formats(fmt)) if f in manifest.formats}
+    present = {f: name for f, name in formats.items() if f == fmt or (model_dir / name).is_file()}
+    return dataclasses.replace(manifest, formats=present)
 
 
 def verify_model_file(model_dir: Path, manifest: Manifest, model_file: str) -> None:

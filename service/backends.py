@@ -1,34 +1,34 @@
-"""Model backends: ONNX Runtime and TorchScript behind one small contract.
+"""Model backends behind one small contract; which ones exist is :mod:`service.registry`'s business.
 
-A backend takes a float32 batch ``(N, 3, H, W)`` and returns float32 logits ``(N, C)``.
-onnxruntime and torch are imported only by the backend that needs them: an ONNX-only
-server never imports torch.
+A backend takes a float32 batch ``(N, 3, H, W)`` and returns float32 logits ``(N, C)``. Each
+engine lives in its own module (``service.backend_<name>``), imported only when that backend is
+loaded: an ONNX-only server never imports torch.
 
-    backend = load_backend(Path("model_store/flowers/1"), manifest, requested="auto", device="auto")
+    backend = load_backend(Path("model_store/flowers/1"), manifest, requested="auto", precision="fp32")
     warm_up(backend, manifest, batch_sizes=(1, 8))
     logits = backend.run(batch)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from service import registry
 from service.errors import PackageError
 from service.manifest import Manifest
 
-if TYPE_CHECKING:
-    import torch
-
 logger = logging.getLogger(__name__)
 
-FORMAT_OF_BACKEND = {"onnxruntime": "onnx", "torchscript": "torchscript"}
-BACKEND_CHOICES = ("auto", *FORMAT_OF_BACKEND)
-_CUDA_EP = "CUDAExecutionProvider"
+BACKEND_CHOICES = registry.BACKEND_CHOICES
+CUDA_EP = "CUDAExecutionProvider"
 # Present on a host whose NVIDIA driver is loaded; a hint checked before importing torch for CUDA.
 _NVIDIA_HINTS = (Path("/proc/driver/nvidia/version"), Path("/dev/nvidiactl"))
 
@@ -36,95 +36,46 @@ _NVIDIA_HINTS = (Path("/proc/driver/nvidia/version"), Path("/dev/nvidiactl"))
 class Backend(Protocol):
     """What the batcher calls: one batch in, one row of logits per image out."""
 
-    name: str  # "onnxruntime" | "torchscript"
+    name: str  # a registry name: "onnxruntime", "openvino", "torchscript"
     device: str  # "cpu" | "cuda:0"
+    precision: str  # "fp32" | "bf16" | "int8"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 (N, C) logits; called from one worker thread at a time."""
+        """float32 (N, 3, H, W) -> float32 (N, C) logits; safe to call from several worker threads."""
         ...
 
 
-class OnnxBackend:
-    """An ONNX Runtime session; CUDA when asked for and this onnxruntime has it, else CPU."""
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load one backend: where, at which precision, with how many threads and workers."""
 
-    def __init__(
-        self, path: Path, *, device: str = "cpu", intra_op_threads: int = 0, intra_op_spinning: bool = True
-    ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads > 0:
-            options.intra_op_num_threads = intra_op_threads
-        if not intra_op_spinning:  # idle threads sleep instead of burning a shared core or a CPU quota
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = _onnx_providers(device, ort.get_available_providers())
-        self._session: Any = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or not outputs:
-            raise PackageError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs")
-        self._input_name: str = inputs[0].name
-        self._output_names: list[str] = [outputs[0].name]
-        self.name = "onnxruntime"
-        self.device = device if _CUDA_EP in self._session.get_providers() else "cpu"
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of ``batch``; ONNX Runtime sessions are safe to call from several threads."""
-        feed = {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        (logits,) = self._session.run(self._output_names, feed)
-        return np.asarray(logits, dtype=np.float32)
+    device: str = "cpu"
+    precision: str = "fp32"
+    intra_op_threads: int = 0  # 0: the engine's default
+    intra_op_spinning: bool = True  # ONNX Runtime's threads busy-wait between operators
+    instances: int = 1  # batcher workers calling run() at once
 
 
-def _onnx_providers(device: str, available: Sequence[str]) -> list[Any]:
-    if not device.startswith("cuda"):
-        return ["CPUExecutionProvider"]
-    if _CUDA_EP in available:
-        return [(_CUDA_EP, {"device_id": _device_index(device)}), "CPUExecutionProvider"]
-    logger.warning("device %s asked for, but this onnxruntime has no %s (onnxruntime-gpu); using CPU", device, _CUDA_EP)
-    return ["CPUExecutionProvider"]
-
-
-class TorchScriptBackend:
-    """A TorchScript module in eval mode, run under ``torch.inference_mode``.
-
-    ``intra_op_threads`` > 0 sets torch's thread count, which is process-wide.
-    """
-
-    def __init__(self, path: Path, *, device: str = "cpu", intra_op_threads: int = 0) -> None:
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            logger.warning("device %s asked for, but torch sees no CUDA device; using CPU", device)
-            device = "cpu"
-        if intra_op_threads > 0:
-            torch.set_num_threads(intra_op_threads)
-        self._device = torch.device(device)
-        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location=self._device)  # type: ignore[no-untyped-call]
-        self._module = module.eval()
-        self.name = "torchscript"
-        self.device = device
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of ``batch``, moved to the module's device and back to host memory."""
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        with torch.inference_mode():
-            logits = self._module(tensor.to(self._device))
-        return np.asarray(logits.to("cpu", torch.float32).numpy(), dtype=np.float32)
+def installed(backend: str) -> bool:
+    """Whether the engine a backend needs can be imported here (checked without importing it)."""
+    return find_spec(registry.backend_spec(backend).package) is not None
 
 
 def resolve_device(device: str, *, backend: str = "torchscript") -> str:
     """Turn "auto" into "cuda:0" or "cpu" and normalize "cuda" to "cuda:0".
 
-    For ``backend="onnxruntime"`` CUDA means onnxruntime lists its CUDA provider (torch is not
-    imported); otherwise it means torch imports and sees a CUDA device.
+    CUDA for "auto" means the backend's own way to the GPU is there (the registry's ``gpu``):
+    onnxruntime lists its CUDA provider (torch is not imported), or torch sees a CUDA device; a
+    CPU-only backend resolves to "cpu".
     """
     if device != "auto":
         return _normalize_device(device)
-    if backend == "onnxruntime":
+    gpu = registry.backend_spec(backend).gpu
+    if gpu == "onnxruntime":
         return "cuda:0" if _onnxruntime_has_cuda() else "cpu"
-    return "cuda:0" if _torch_has_cuda() else "cpu"
+    if gpu == "torch":
+        return "cuda:0" if _torch_has_cuda() else "cpu"
+    return "cpu"
 
 
 def _normalize_device(device: str) -> str:
@@ -137,7 +88,7 @@ def _normalize_device(device: str) -> str:
     raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:<index>")
 
 
-def _device_index(device: str) -> int:
+def device_index(device: str) -> int:
     return int(device.partition(":")[2] or 0)
 
 
@@ -145,7 +96,7 @@ def _onnxruntime_has_cuda() -> bool:
     """onnxruntime-gpu lists its CUDA provider even without a driver: require the driver too."""
     import onnxruntime as ort
 
-    return _CUDA_EP in ort.get_available_providers() and any(hint.exists() for hint in _NVIDIA_HINTS)
+    return CUDA_EP in ort.get_available_providers() and any(hint.exists() for hint in _NVIDIA_HINTS)
 
 
 def _torch_has_cuda() -> bool:
@@ -167,29 +118,34 @@ def _only_torch_reaches_gpu(manifest: Manifest) -> bool:
     return any(hint.exists() for hint in _NVIDIA_HINTS) and _torch_has_cuda()
 
 
-def choose_backend(manifest: Manifest, requested: str, *, prefer_torchscript: bool = False) -> str:
-    """The backend to serve ``manifest`` with: "onnxruntime" or "torchscript".
+def choose_backend(
+    manifest: Manifest, requested: str, *, precision: str = "fp32", prefer_torchscript: bool = False
+) -> str:
+    """The backend to serve ``manifest`` with at ``precision``, by rule (nothing is timed here).
 
-    ``requested`` is auto|onnxruntime|torchscript. "auto" takes ONNX Runtime when the package
-    has an ONNX file (TorchScript when ``prefer_torchscript`` and the package has one), else
-    TorchScript. A requested format the package lacks is a PackageError naming what it has.
+    ``requested`` is "auto" or a registry name. "auto" takes the first registered backend that is
+    installed and whose file for ``precision`` the package has (TorchScript first when
+    ``prefer_torchscript``). A requested backend that lacks the precision, or whose file the package
+    lacks, is a PackageError naming what there is. :mod:`service.precision` times the candidates instead.
     """
     if requested not in BACKEND_CHOICES:
         raise ValueError(f"backend {requested!r} is not one of {', '.join(BACKEND_CHOICES)}")
     formats = set(manifest.formats)
     has = ", ".join(sorted(formats)) or "no model files"
-    if requested == "auto":
-        if "onnx" in formats and not (prefer_torchscript and "torchscript" in formats):
-            return "onnxruntime"
-        if "torchscript" in formats:
-            return "torchscript"
-        raise PackageError(f"{manifest.name} v{manifest.version}: nothing to serve; the package has {has}")
-    fmt = FORMAT_OF_BACKEND[requested]
-    if fmt not in formats:
-        raise PackageError(
-            f"{manifest.name} v{manifest.version}: {requested} needs a {fmt} file; the package has {has}"
-        )
-    return requested
+    if requested != "auto":
+        fmt = registry.backend_spec(requested).format_for(precision)
+        if fmt is None:
+            raise PackageError(f"{requested} has no {precision} precision")
+        if fmt not in formats:
+            raise PackageError(
+                f"{manifest.name} v{manifest.version}: {requested} needs a {fmt} file; the package has {has}"
+            )
+        return requested
+    order = sorted(registry.BACKEND_NAMES, key=lambda b: not (prefer_torchscript and b == "torchscript"))
+    for name in order:
+        if registry.backend_spec(name).format_for(precision) in formats and installed(name):
+            return name
+    raise PackageError(f"{manifest.name} v{manifest.version}: nothing serves it at {precision}; the package has {has}")
 
 
 def load_backend(
@@ -197,29 +153,42 @@ def load_backend(
     manifest: Manifest,
     *,
     requested: str = "auto",
+    precision: str = "fp32",
     device: str = "auto",
+    options: LoadOptions | None = None,
     intra_op_threads: int = 0,
     intra_op_spinning: bool = True,
 ) -> Backend:
-    """Build the backend for a package whose files were already verified; PackageError if it cannot load."""
+    """Build one backend at one precision for a package whose files were already verified.
+
+    PackageError if it cannot load. ``options`` carries the thread settings (the two keyword
+    arguments are shorthands for them); its device and precision are set from the arguments.
+    """
     prefer_torch = requested == "auto" and device != "cpu" and _only_torch_reaches_gpu(manifest)
-    name = choose_backend(manifest, requested, prefer_torchscript=prefer_torch)
-    resolved = resolve_device(device, backend=name)
-    file_name = manifest.formats[FORMAT_OF_BACKEND[name]]
+    name = choose_backend(manifest, requested, precision=precision, prefer_torchscript=prefer_torch)
+    spec = registry.backend_spec(name)
+    file_name = manifest.formats[spec.precisions[precision]]
     if Path(file_name).name != file_name:
         raise PackageError(f"{package_dir}: model file {file_name!r} is not a plain file name")
     path = package_dir / file_name
+    base = options or LoadOptions(intra_op_threads=intra_op_threads, intra_op_spinning=intra_op_spinning)
+    resolved = replace(base, device=resolve_device(device, backend=name), precision=precision)
     try:
-        backend: Backend = (
-            OnnxBackend(path, device=resolved, intra_op_threads=intra_op_threads, intra_op_spinning=intra_op_spinning)
-            if name == "onnxruntime"
-            else TorchScriptBackend(path, device=resolved, intra_op_threads=intra_op_threads)
-        )
+        backend = open_backend(name, path, resolved)
     except PackageError:
         raise
     except Exception as exc:  # loaders raise many types; every one means this package cannot be served
         raise PackageError(f"{path}: {name} cannot load it: {exc}") from exc
-    logger.info("loaded %s v%s with %s on %s", manifest.name, manifest.version, backend.name, backend.device)
+    logger.info(
+        "loaded %s v%s with %s %s on %s", manifest.name, manifest.version, backend.name, precision, backend.device
+    )
+    return backend
+
+
+def open_backend(name: str, path: Path, options: LoadOptions) -> Backend:
+    """Load model file ``path`` with the registered backend ``name`` (its module is imported now)."""
+    module = importlib.import_module(registry.backend_spec(name).module)
+    backend: Backend = module.load(path, options)
     return backend
 
 

@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.settings import BACKENDS, EVENT_LOOPS, Settings, from_sources
+from service.registry import BACKEND_CHOICES as BACKENDS
+from service.registry import PRECISION_CHOICES as PRECISIONS
+from service.settings import EVENT_LOOPS, Settings, from_sources
 
 logger = logging.getLogger("service")
 
@@ -25,8 +27,12 @@ HELP = {
     "http_port": "HTTP port: KServe v2, TorchServe /predictions, /metrics (default 8000)",
     "grpc_port": "gRPC port: inference.GRPCInferenceService and TorchServe's InferenceAPIsService (default 8001)",
     "metrics_port": "serve /metrics on its own port instead of the HTTP port (default 0: HTTP port)",
-    "backend": f"model backend for every model: {', '.join(BACKENDS)} (auto: ONNX Runtime if the package has it)",
+    "backend": f"model backend for every model: {', '.join(BACKENDS)} (auto: the fastest, timed at load, of the "
+    "installed engines that read the package; TorchScript only for a package without ONNX)",
     "model_backends": "per-model backend, e.g. flowers=torchscript,pets=onnxruntime",
+    "precision": f"{', '.join(PRECISIONS)} (auto: the fastest precision this CPU runs well that passes the "
+    "package's accuracy guard and its parity check here; a refused one falls back to fp32)",
+    "model_precisions": "per-model precision, e.g. flowers=int8,pets=fp32",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "max_batch_size": "largest batch the dynamic batcher forms, in images (default 8)",
     "max_queue_delay_ms": "how long a batch may wait for more requests; 0 batches what is already queued",

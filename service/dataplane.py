@@ -24,6 +24,7 @@ from service.errors import DeadlineExceeded, Forbidden, InvalidInput, QueueFull,
 from service.explain import Explainer, cam_file
 from service.manifest import Manifest, Preprocess
 from service.preprocess import allow_pixels, preprocess_bytes
+from service.registry import PLATFORMS
 from service.repository import READY, ModelEntry, ModelRepository
 from service.settings import Settings
 from service.types import (
@@ -43,7 +44,6 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "schedule_policy"]
 IMAGE_INPUT = "image"
 OUTPUT_NAMES = ("logits", "probabilities")
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -91,7 +91,8 @@ class DataPlane:
         entries = self.repository.versions(name)
         chosen = self._pick_for_metadata(name, entries, version)
         manifest = chosen.manifest
-        platform = PLATFORMS.get(chosen.backend.name, "") if chosen.backend is not None else ""
+        backend = chosen.backend
+        platform = PLATFORMS.get(backend.name, "") if backend is not None else ""
         return ModelMetadata(
             name=name,
             versions=[e.version for e in entries] if version is None else [chosen.version],
@@ -101,6 +102,8 @@ class DataPlane:
             ready=chosen.state == READY,
             reason=chosen.reason,
             labels=list(manifest.labels) if manifest is not None else [],
+            precision=backend.precision if backend is not None else "",
+            precision_notes=chosen.choice,
         )
 
     def _pick_for_metadata(self, name: str, entries: list[ModelEntry], version: str | None) -> ModelEntry:

@@ -1,8 +1,11 @@
 """The model package contract shared by ``finetune`` (writer) and ``serve`` (reader).
 
 A package is a folder ``model_store/<name>/<version>/`` holding ``manifest.json`` and the
-model files it lists (``model.pt`` TorchScript, ``model.onnx``), each with its sha256.
-Nothing in a package needs unpickling to serve.
+model files it lists (``service.registry.FORMAT_FILES``: ``model.pt`` TorchScript, ``model.onnx``,
+the calibrated ``model.int8.onnx``), each with its sha256, and a *parity set*: a few preprocessed
+validation images (uint8, before normalization) and the eager fp32 model's logits for them, which
+a server runs again at load to prove the precision it chose. Nothing in a package needs
+unpickling to serve (``.npy`` files load with ``allow_pickle=False``).
 
     manifest = load_manifest(Path("model_store/flowers/1"))
     verify_files(Path("model_store/flowers/1"), manifest)
@@ -18,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import PackageError
+from service.registry import FORMAT_FILES
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-FORMAT_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
+PARITY_KEYS = ("images", "logits")  # manifest.parity: the parity set's two .npy files
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -98,8 +102,9 @@ class Manifest:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     files: dict[str, str]  # file name -> sha256
-    formats: dict[str, str]  # "torchscript"/"onnx" -> file name
+    formats: dict[str, str]  # registry format ("torchscript", "onnx", "onnx_int8") -> file name
     task: str = "multiclass"
+    parity: dict[str, str] = field(default_factory=dict)  # "images"/"logits" -> .npy file name
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -115,6 +120,8 @@ class Manifest:
         unknown = set(self.formats) - set(FORMAT_FILES)
         if unknown:
             raise ValueError(f"unknown model formats {sorted(unknown)}; known: {sorted(FORMAT_FILES)}")
+        if self.parity and set(self.parity) != set(PARITY_KEYS):
+            raise ValueError(f"parity needs exactly {list(PARITY_KEYS)}, got {sorted(self.parity)}")
 
     @property
     def num_classes(self) -> int:
@@ -142,6 +149,7 @@ class Manifest:
                 files={str(k): str(v) for k, v in data["files"].items()},
                 formats={str(k): str(v) for k, v in data["formats"].items()},
                 task=str(data.get("task", "multiclass")),
+                parity={str(k): str(v) for k, v in data.get("parity", {}).items()},
                 metrics=dict(data.get("metrics", {})),
                 versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
                 created=str(data.get("created", "")),

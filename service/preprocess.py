@@ -136,13 +136,18 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> Image.Image:
 
 
 def normalize(image: Image.Image, spec: Preprocess) -> np.ndarray:
-    """RGB uint8 HWC image -> float32 CHW array, scaled to [0,1] and normalized.
+    """RGB image -> float32 CHW array, scaled to [0,1] and normalized (see :func:`normalize_array`)."""
+    return normalize_array(np.asarray(image), spec)
+
+
+def normalize_array(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """RGB uint8 HWC array -> float32 CHW array, scaled to [0,1] and normalized.
 
     Channel-planar arithmetic on a contiguous CHW copy: the same float32 operations as
     ``(x / 255 - mean) / std`` on HWC (bit-identical results), about 10x faster than broadcasting
-    over a last axis of 3.
+    over a last axis of 3. A package's parity images are stored as such uint8 arrays.
     """
-    planes = np.asarray(image).transpose(2, 0, 1)
+    planes = pixels.transpose(2, 0, 1)
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     if spec.channel_order == "BGR":
@@ -154,9 +159,14 @@ def normalize(image: Image.Image, spec: Preprocess) -> np.ndarray:
     return array
 
 
+def crop_pixels(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """PIL image (any mode) -> the uint8 (crop, crop, 3) RGB pixels the model sees, before normalization."""
+    return np.asarray(resize_and_crop(to_rgb(image), spec))
+
+
 def preprocess_image(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """PIL image (any mode) -> float32 (3, crop, crop) array ready for the model."""
-    return normalize(resize_and_crop(to_rgb(image), spec), spec)
+    return normalize_array(crop_pixels(image, spec), spec)
 
 
 def preprocess_bytes(

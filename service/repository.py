@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import metrics
-from service.backends import Backend, load_backend, warm_up
+from service.backends import Backend, LoadOptions, warm_up
 from service.batcher import Batcher, BatcherConfig
 from service.errors import ModelNotFound, ModelNotReady, PackageError
 from service.manifest import Manifest, load_manifest, package_versions, validate_name, verify_files
+from service.precision import Choice, select
 from service.settings import Settings
 from service.types import ModelStatus
 
@@ -27,7 +28,11 @@ READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 
 @dataclass
 class ModelEntry:
-    """One model version and its state; ``manifest``/``backend``/``batcher`` are set when READY."""
+    """One model version and its state; ``manifest``/``backend``/``batcher`` are set when READY.
+
+    ``reason`` says why a version is not ready, or for a ready one which precision it was refused
+    and why (it then serves a fallback); ``choice`` says how its backend and precision were chosen.
+    """
 
     name: str
     version: str
@@ -37,27 +42,34 @@ class ModelEntry:
     manifest: Manifest | None = None
     backend: Backend | None = None
     batcher: Batcher | None = None
+    choice: str = ""
 
     def status(self) -> ModelStatus:
         return ModelStatus(self.name, self.version, self.state, self.reason)
 
 
-def _load_package(path: Path, settings: Settings, name: str) -> tuple[Manifest, Backend]:
-    """Blocking: read and verify the manifest, build the backend, warm it up."""
+def _load_package(path: Path, settings: Settings, name: str) -> tuple[Manifest, Choice]:
+    """Blocking: read and verify the manifest, choose and check the backend and precision, warm it up."""
     manifest = load_manifest(path)
     if manifest.name != name or str(manifest.version) != path.name:
         raise PackageError(f"{path}: manifest says {manifest.name}/{manifest.version}")
     verify_files(path, manifest)
-    backend = load_backend(
-        path,
-        manifest,
-        requested=settings.backend_for(name),
-        device=settings.device,
+    options = LoadOptions(
         intra_op_threads=settings.intra_op_threads,
         intra_op_spinning=settings.intra_op_spinning,
+        instances=settings.model_instances,
     )
-    warm_up(backend, manifest, batch_sizes=sorted({1, settings.max_batch_size}))
-    return manifest, backend
+    choice = select(
+        path,
+        manifest,
+        backend=settings.backend_for(name),
+        precision=settings.precision_for(name),
+        device=settings.device,
+        options=options,
+        batch_size=settings.max_batch_size,
+    )
+    warm_up(choice.backend, manifest, batch_sizes=sorted({1, settings.max_batch_size}))
+    return manifest, choice
 
 
 class ModelRepository:
@@ -96,11 +108,21 @@ class ModelRepository:
     async def _load_version(self, name: str, version: str) -> ModelEntry:
         entry = ModelEntry(name, version, self.store / name / version)
         try:
-            manifest, backend = await asyncio.to_thread(_load_package, entry.path, self.settings, name)
+            manifest, choice = await asyncio.to_thread(_load_package, entry.path, self.settings, name)
+            backend = choice.backend
             entry.batcher = Batcher(backend.run, self._batcher_config(), model=name, version=version)
             await entry.batcher.start()
-            entry.manifest, entry.backend, entry.state = manifest, backend, READY
-            logger.info("model %s version %s ready (%s on %s)", name, version, backend.name, backend.device)
+            entry.manifest, entry.backend, entry.state, entry.reason = manifest, backend, READY, choice.reason
+            entry.choice = choice.summary
+            logger.info(
+                "model %s version %s ready: %s %s on %s (%s)",
+                name,
+                version,
+                backend.name,
+                backend.precision,
+                backend.device,
+                choice.summary or "no other candidate",
+            )
         except Exception as exc:  # any failure makes this version unavailable, never the server
             # clients see the reason: name files relative to the store, not by their server path
             reason = (

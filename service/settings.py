@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-BACKENDS = ("auto", "onnxruntime", "torchscript")
+from service.registry import BACKEND_CHOICES as BACKENDS
+from service.registry import PRECISION_CHOICES as PRECISIONS
+
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 ENV_PREFIX = "SERVE_"
 
@@ -30,8 +32,10 @@ class Settings:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 0  # 0: /metrics on the HTTP port
-    backend: str = "auto"  # auto: ONNX Runtime when the package has model.onnx, else TorchScript
+    backend: str = "auto"  # auto: the fastest engine measured at load among those that read the package
     model_backends: dict[str, str] = field(default_factory=dict)  # per model name
+    precision: str = "auto"  # auto: the fastest precision that passes the accuracy guard on this host
+    model_precisions: dict[str, str] = field(default_factory=dict)  # per model name
     device: str = "auto"  # auto: CUDA when available
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0  # Triton-style: batch what is already queued, wait no longer
@@ -58,11 +62,8 @@ class Settings:
             raise ValueError(f"log_level={self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop={self.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
-        for model, backend in self.model_backends.items():
-            if backend not in BACKENDS:
-                raise ValueError(f"model_backends[{model}]={backend!r} is not one of {', '.join(BACKENDS)}")
+        _check_choices("backend", self.backend, self.model_backends, BACKENDS)
+        _check_choices("precision", self.precision, self.model_precisions, PRECISIONS)
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.model_instances < 1:
             raise ValueError("max_batch_size, max_queue_size and model_instances must be at least 1")
         if self.enable_management and not self.management_token:
@@ -77,12 +78,23 @@ class Settings:
     def backend_for(self, model: str) -> str:
         return self.model_backends.get(model, self.backend)
 
+    def precision_for(self, model: str) -> str:
+        return self.model_precisions.get(model, self.precision)
+
     def public_dict(self) -> dict[str, Any]:
         """Settings for logs, tokens masked."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for secret in ("management_token", "inference_token"):
             data[secret] = "***" if data[secret] else ""
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _check_choices(name: str, value: str, per_model: Mapping[str, str], choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    for model, choice in per_model.items():
+        if choice not in choices:
+            raise ValueError(f"model_{name}s[{model}]={choice!r} is not one of {', '.join(choices)}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -123,7 +135,7 @@ def _parse_mapping(value: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in value.items()}
     pairs = [item.split("=", 1) for item in str(value).split(",") if item.strip()]
     if any(len(pair) != 2 for pair in pairs):
-        raise ValueError(f"expected model=backend[,model=backend], got {value!r}")
+        raise ValueError(f"expected model=value[,model=value], got {value!r}")
     return {k.strip(): v.strip() for k, v in pairs}
 
 

@@ -106,8 +106,10 @@ class ModelMetadata:
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     ready: bool = False
-    reason: str = ""
+    reason: str = ""  # not ready: why; ready: how its backend and precision were chosen
     labels: list[str] = field(default_factory=list)
+    precision: str = ""  # fp32, bf16 or int8: what the model is computed at
+    precision_notes: str = ""  # how the backend and precision were chosen: what was ruled out, the timings
 
 
 @dataclass(frozen=True)

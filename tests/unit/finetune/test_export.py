@@ -24,7 +24,8 @@ from finetune.export import (
     run_onnx,
     run_torchscript,
 )
-from service.manifest import FORMAT_FILES, Preprocess
+from service.manifest import Preprocess
+from service.registry import EXPORT_FORMATS, FORMAT_FILES
 from service.preprocess import preprocess_image
 from tests.conftest import make_image_folder
 
@@ -92,7 +93,7 @@ def test_export_and_check_passes(name: str, images: Tensor, tmp_path: Path) -> N
     reports = export_and_check(model, images, tmp_path)
     assert not model.training
     assert set(reports) == {"torchscript", "onnx"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FORMAT_FILES.values())  # no .data sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FORMAT_FILES[f] for f in EXPORT_FORMATS)  # no .data
     for fmt, report in reports.items():
         assert report.passed and report.format == fmt
         assert report.num_images == len(images) and report.top1_agreement == 1.0
@@ -173,12 +174,16 @@ def test_small_onnx_drift_raises(images: Tensor, tmp_path: Path, monkeypatch: py
     def drifting(path: Path, batch: np.ndarray) -> np.ndarray:
         return run_onnx(path, batch) + 0.05
 
-    monkeypatch.setattr(export, "run_onnx", drifting)
+    monkeypatch.setitem(export.EXPORTERS, "onnx", (export.export_onnx, drifting))
     with pytest.raises(ExportCheckError) as caught:
         export_and_check(TinyNet(), images, tmp_path)
     (report,) = caught.value.reports
     assert report.format == "onnx" and report.top1_agreement == 1.0
     assert report.max_abs_diff == pytest.approx(0.05, rel=1e-3)
+
+
+def test_every_exported_format_of_the_registry_has_an_exporter() -> None:
+    assert set(export.EXPORTERS) == set(EXPORT_FORMATS)
 
 
 def test_unknown_format(images: Tensor, tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_build_mar_contents_and_config(package: TinyPackage, tmp_path: Path) -> 
         "batchSize": 4,
         "maxBatchDelay": 20,
         "responseTimeout": 120,
-        "handler": {"top_k": 5},
+        "handler": {"top_k": 5, "precision": "auto"},
     }
     props = _properties(out / "config.properties")
     assert props["inference_address"] == "http://127.0.0.1:8080"
@@ -168,7 +168,7 @@ def test_build_mar_refuses_bad_packages(package: TinyPackage, tmp_path: Path) ->
 def test_shared_modules_must_not_import_unshipped_ones(
     package: TinyPackage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(torchserve, "SHARED_MODULES", ("manifest.py", "preprocess.py", "backends.py"))
+    monkeypatch.setattr(torchserve, "SHARED_MODULES", ("manifest.py", "registry.py", "preprocess.py", "backends.py"))
     with pytest.raises(ArchiveError, match=r"imports \['service.errors'\]"):
         build_mar(package.folder, out_dir=tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == []
@@ -254,7 +254,7 @@ def _unpacked(mar: Path, into: Path) -> FakeContext:
 def test_handler_answers_a_batch_and_fails_only_bad_requests(package: TinyPackage, tmp_path: Path, fmt: str) -> None:
     context = _unpacked(build_mar(package.folder, out_dir=tmp_path / "store", fmt=fmt), tmp_path / "model")
     classifier = ts_handler.ImageClassifier.from_context(context)
-    assert classifier.backend.name == {"torchscript": "torchscript", "onnx": "onnxruntime"}[fmt]
+    assert classifier.backend.name in {"torchscript": ("torchscript",), "onnx": ("onnxruntime", "openvino")}[fmt]
     images = [_png((220, 20, 20)), _png((20, 200, 30), (64, 48)), _png((10, 10, 230))]
     rows: list[dict[str, Any]] = [
         {"body": images[0]},

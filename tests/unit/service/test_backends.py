@@ -12,15 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from service import backends
-from service.backends import (
-    OnnxBackend,
-    TorchScriptBackend,
-    choose_backend,
-    load_backend,
-    resolve_device,
-    warm_up,
-)
+from service import backends, registry
+from service.backend_onnxruntime import OnnxBackend
+from service.backend_openvino import OpenVinoBackend
+from service.backend_torchscript import TorchScriptBackend
+from service.backends import LoadOptions, choose_backend, load_backend, open_backend, resolve_device, warm_up
 from service.errors import PackageError
 from service.manifest import Manifest, Preprocess, TensorSpec
 
@@ -80,7 +76,10 @@ def _eager(model: nn.Module, batch: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(batch)).numpy()
 
 
-@pytest.mark.parametrize(("factory", "file_name"), [(OnnxBackend, "model.onnx"), (TorchScriptBackend, "model.pt")])
+@pytest.mark.parametrize(
+    ("factory", "file_name"),
+    [(OnnxBackend, "model.onnx"), (OpenVinoBackend, "model.onnx"), (TorchScriptBackend, "model.pt")],
+)
 @pytest.mark.parametrize("n", [1, 5])
 def test_backends_match_the_eager_model(package: Package, factory: Any, file_name: str, n: int) -> None:
     backend = factory(package.folder / file_name)
@@ -115,6 +114,35 @@ def test_choose_backend_refusals() -> None:
     both = _manifest()
     assert choose_backend(both, "auto", prefer_torchscript=True) == "torchscript"
     assert choose_backend(_manifest(formats=("onnx",)), "auto", prefer_torchscript=True) == "onnxruntime"
+
+
+def test_every_registered_backend_loads_through_its_module(package: Package) -> None:
+    batch = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE), dtype=np.float32)
+    for name, spec in registry.BACKENDS.items():
+        path = package.folder / registry.FORMAT_FILES[spec.precisions["fp32"]]
+        backend = open_backend(name, path, LoadOptions())
+        assert (backend.name, backend.precision, backend.device) == (name, "fp32", "cpu")
+        np.testing.assert_allclose(backend.run(batch), _eager(package.model, batch), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["openvino", "torchscript"])
+def test_bf16_stays_close_to_fp32(package: Package, name: str) -> None:
+    path = package.folder / registry.FORMAT_FILES[registry.backend_spec(name).precisions["bf16"]]
+    backend = open_backend(name, path, LoadOptions(precision="bf16"))
+    batch = np.random.default_rng(1).standard_normal((4, 3, SIZE, SIZE), dtype=np.float32)
+    assert backend.precision == "bf16" and backend.run(batch).dtype == np.float32
+    np.testing.assert_allclose(backend.run(batch), _eager(package.model, batch), atol=0.1)
+
+
+def test_choose_backend_by_precision(package: Package) -> None:
+    with_int8 = dataclasses.replace(_manifest(), formats={"onnx": "model.onnx", "onnx_int8": "model.int8.onnx"})
+    assert choose_backend(with_int8, "auto", precision="int8") == "onnxruntime"
+    assert choose_backend(with_int8, "auto", precision="bf16") == "openvino"
+    assert choose_backend(_manifest(), "openvino", precision="bf16") == "openvino"
+    with pytest.raises(PackageError, match="onnxruntime has no bf16 precision"):
+        choose_backend(_manifest(), "onnxruntime", precision="bf16")
+    with pytest.raises(PackageError, match="openvino needs a onnx_int8 file"):
+        choose_backend(_manifest(), "openvino", precision="int8")
 
 
 def test_load_backend_and_warm_up(package: Package) -> None:
@@ -179,7 +207,7 @@ def test_torch_is_consulted_for_the_gpu_only_where_a_driver_is(monkeypatch: pyte
 def test_cuda_without_a_cuda_provider_falls_back_to_cpu(package: Package) -> None:
     if backends._onnxruntime_has_cuda():
         pytest.skip("this onnxruntime has CUDA")
-    assert OnnxBackend(package.folder / "model.onnx", device="cuda:0").device == "cpu"
+    assert OnnxBackend(package.folder / "model.onnx", LoadOptions(device="cuda:0")).device == "cpu"
 
 
 def test_an_onnx_only_server_never_imports_torch(package: Package) -> None:

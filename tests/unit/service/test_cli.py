@@ -79,7 +79,7 @@ def test_flags_win_over_the_environment_and_the_config_file(tmp_path: Path, monk
     [
         (["--http-port", "eighty"], None, "invalid literal for int"),
         (["--backend", "tensorrt"], None, "backend='tensorrt' is not one of"),
-        (["--model-backends", "flowers"], None, "expected model=backend"),
+        (["--model-backends", "flowers"], None, "expected model=value"),
         (["--enable-management"], None, "enable_management needs a management_token"),
         (["--tls-cert", "cert.pem"], None, "TLS needs both tls_cert and tls_key"),
         (["--max-batch-size", "0"], None, "must be at least 1"),

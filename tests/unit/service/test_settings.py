@@ -104,9 +104,9 @@ def test_unknown_keys_are_rejected_naming_each(tmp_path: Path) -> None:
     [
         ({"SERVE_HTTP_PORT": "eighty"}, "invalid literal for int"),
         ({"SERVE_MAX_QUEUE_DELAY_MS": "soon"}, "could not convert string to float"),
-        ({"SERVE_BACKEND": "tensorrt"}, "backend='tensorrt' is not one of auto, onnxruntime, torchscript"),
+        ({"SERVE_BACKEND": "tensorrt"}, "backend='tensorrt' is not one of auto, onnxruntime, openvino, torchscript"),
         ({"SERVE_MODEL_BACKENDS": "a=tensorrt"}, r"model_backends\[a\]='tensorrt' is not one of"),
-        ({"SERVE_MODEL_BACKENDS": "a"}, "expected model=backend"),
+        ({"SERVE_MODEL_BACKENDS": "a"}, "expected model=value"),
         ({"SERVE_MAX_BATCH_SIZE": "0"}, "must be at least 1"),
         ({"SERVE_MAX_QUEUE_SIZE": "0"}, "must be at least 1"),
         ({"SERVE_MODEL_INSTANCES": "0"}, "must be at least 1"),
