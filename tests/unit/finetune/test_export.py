@@ -25,8 +25,8 @@ from finetune.export import (
     run_torchscript,
 )
 from service.manifest import Preprocess
-from service.registry import EXPORT_FORMATS, FORMAT_FILES
 from service.preprocess import preprocess_image
+from service.registry import EXPORT_FORMATS, FORMAT_FILES
 from tests.conftest import make_image_folder
 
 SIZE = 64
