@@ -9,10 +9,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.serving import TORCHSERVE_LABELS, parse_config
+from bench.serving import TORCHSERVE_LABELS, parse_config, parse_label
 
 TORCHSERVE_FORMATS = {label: fmt for fmt, label in TORCHSERVE_LABELS.items()}
-BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "torchscript": "TorchScript"}
+BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torchscript": "TorchScript", "auto": "auto"}
 
 
 def describe(results: dict[str, Any], server: str) -> str:
@@ -22,8 +22,11 @@ def describe(results: dict[str, Any], server: str) -> str:
         batch, delay = plan.get("ts_batch_size", "?"), plan.get("ts_max_batch_delay_ms", "?")
         archive = "TorchScript" if TORCHSERVE_FORMATS[server] == "torchscript" else "ONNX (ONNX Runtime)"
         return f"TorchServe 0.12, {archive} .mar, batch {batch} / {delay} ms"
-    backend, size = parse_config(server)
-    return f"ours, {BACKEND_NAMES[backend]}, batch {'≤ ' if size > 1 else ''}{size}"
+    config = parse_label(server)
+    size, precision = config.max_batch_size, "" if config.precision == "fp32" else f" {config.precision}"
+    return (
+        f"ours, {BACKEND_NAMES.get(config.backend, config.backend)}{precision}, batch {'≤ ' if size > 1 else ''}{size}"
+    )
 
 
 def backend_of(server: str) -> str:

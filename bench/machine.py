@@ -11,7 +11,7 @@ from typing import Any
 
 PACKAGES = (
     "torch", "torchvision", "onnxruntime", "onnx", "numpy", "pillow", "grpcio", "protobuf", "fastapi",
-    "uvicorn", "httpx", "tritonclient", "torchserve", "torch-model-archiver",
+    "uvicorn", "httpx", "tritonclient", "torchserve", "torch-model-archiver", "openvino", "nncf",
 )  # fmt: skip
 
 

@@ -63,6 +63,7 @@ class Running:
     env: dict[str, str] = field(default_factory=dict)
     work: Path | None = None
     seen: dict[int, int] = field(default_factory=dict)  # pid -> start time, every process of the tree seen
+    ready_s: float = 0.0  # seconds from launching it to its readiness answering 200
 
     def pids(self) -> list[int]:
         """The live process tree (TorchServe: java and its python workers)."""
@@ -116,10 +117,18 @@ def start_ours(
 
 
 def start_serve(
-    store: Path, *, model: str, work: Path, label: str, flags: Sequence[str] = (), env: dict[str, str] | None = None
+    store: Path,
+    *,
+    model: str,
+    work: Path,
+    label: str,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    ready_path: str = "",
 ) -> Running:
     """``serve`` over ``store`` with ``flags`` (and ``env`` added to its environment); returns once ``model`` is
-    ready."""
+    ready (or ``ready_path``, e.g. ``/v2/health/ready``, answers 200), with the seconds that took in ``ready_s``."""
+    started = time.monotonic()
     endpoint = Endpoint(free_port(), free_port())
     log = work / f"serve-{label}.log"
     cmd = [
@@ -131,10 +140,11 @@ def start_serve(
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(**(env or {})), cwd=REPO)
     server = Running(label, "ours", endpoint, model, OUR_PROTOCOLS, process, log, process.pid)
     try:
-        _wait_until(server, f"{endpoint.url}/v2/models/{model}/ready", lambda r: r.status_code == 200)
+        _wait_until(server, endpoint.url + (ready_path or f"/v2/models/{model}/ready"), lambda r: r.status_code == 200)
     except BaseException:
         server.stop()
         raise
+    server.ready_s = time.monotonic() - started
     return server
 
 
@@ -147,9 +157,12 @@ def start_torchserve(
     batch_size: int = 8,
     max_batch_delay_ms: int = 50,
     workers: int = 1,
+    precision: str = "fp32",
 ) -> Running:
-    """Real TorchServe over a ``.mar`` of ``package_dir`` (``fmt``: torchscript or onnx), as ``finetune.torchserve``
-    builds it; returns once the model's worker is READY."""
+    """Real TorchServe over a ``.mar`` of ``package_dir`` (``fmt``: torchscript or onnx; ``precision``: our handler's,
+    as ``finetune-package --precision``), as ``finetune.torchserve`` builds it; returns once the model's worker is
+    READY."""
+    started = time.monotonic()
     from finetune.torchserve import Ports, build_mar
     from service.manifest import load_manifest
 
@@ -158,7 +171,7 @@ def start_torchserve(
     store = work / "ts_store"
     archive = build_mar(
         package_dir, out_dir=store, fmt=fmt, batch_size=batch_size,
-        max_batch_delay_ms=max_batch_delay_ms, workers=workers, ports=ports,
+        max_batch_delay_ms=max_batch_delay_ms, workers=workers, ports=ports, precision=precision,
     )  # fmt: skip
     env = child_env(TMPDIR=str(work), TEMP=str(work), LOG_LOCATION=str(work / "logs"))
     env["METRICS_LOCATION"] = str(work / "logs")
@@ -178,6 +191,7 @@ def start_torchserve(
     except BaseException:
         server.stop()
         raise
+    server.ready_s = time.monotonic() - started
     return server
 
 

@@ -35,10 +35,10 @@ class Package:
 
 @pytest.fixture(scope="session")
 def demo_package(tmp_path_factory: pytest.TempPathFactory) -> Package:
-    """A real package: the demo data, real pretrained weights, a short linear probe, both formats."""
+    """A real package: the demo data, real pretrained weights, a short linear probe, both formats, int8 too."""
     root = tmp_path_factory.mktemp("finetuned")
     args = [
-        str(BIN / "finetune"), "--demo", "--epochs", "2", "--freeze-epochs", "2", "--img-size", "160",
+        str(BIN / "finetune"), "--demo", "--epochs", "2", "--freeze-epochs", "2", "--img-size", "160", "--int8", "true",
         "--tensorboard", "false", "--model-store", str(root / "store"), "--output-dir", str(root / "runs"),
         "--run-name", "demo",
     ]  # fmt: skip
@@ -76,8 +76,13 @@ class Server:
 
 
 def start_server(store: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
-    """Start ``serve`` on free loopback ports and wait until it is ready (or fail with its log)."""
+    """Start ``serve`` on free loopback ports and wait until it is ready (or fail with its log).
+
+    At fp32 unless ``extra`` names a precision: answers are then those of finetune's own evaluation.
+    """
     http_port, grpc_port = free_port(), free_port()
+    if not any(arg.startswith("--precision") for arg in extra) and "SERVE_PRECISION" not in (env or {}):
+        extra = ("--precision", "fp32", *extra)
     cmd = [
         str(BIN / "serve"),
         "--model-store",

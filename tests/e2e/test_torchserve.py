@@ -24,7 +24,9 @@ import psutil
 import pytest
 
 from finetune.torchserve import Ports, build_mar, check_archive, write_config_properties
+from finetune.ts_handler import backend_for_format
 from service.protos import load_torchserve
+from service.registry import backends_reading
 from tests.e2e.conftest import BIN, Package, Server, free_port, start_server
 
 pytestmark = [
@@ -33,7 +35,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (JRE 11+); java is not on PATH"),
 ]
 IMAGES = 8
-BACKEND_OF = {"torchscript": "torchscript", "onnx": "onnxruntime"}
 
 
 @dataclass
@@ -109,7 +110,7 @@ def archives(demo_package: Package, tmp_path_factory: pytest.TempPathFactory) ->
     """A TorchServe model store holding demo.mar (TorchScript) and demo-onnx.mar."""
     store = tmp_path_factory.mktemp("ts_store")
     for fmt in ("onnx", "torchscript"):
-        build_mar(demo_package.store / "demo" / "1", out_dir=store, fmt=fmt)
+        build_mar(demo_package.store / "demo" / "1", out_dir=store, fmt=fmt, precision="fp32")  # as ours below
     return store
 
 
@@ -129,7 +130,7 @@ def pair(
     work = tmp_path_factory.mktemp(f"torchserve-{fmt}")
     torchserve = start_torchserve(archives, "demo.mar" if fmt == "torchscript" else "demo-onnx.mar", work)
     try:  # ours starts while TorchServe loads
-        ours = start_server(demo_package.store, work / "serve.log", "--backend", BACKEND_OF[fmt])
+        ours = start_server(demo_package.store, work / "serve.log", "--backend", backend_for_format(fmt))
         try:
             wait_ready(torchserve)
         except BaseException:
@@ -206,6 +207,6 @@ def test_model_config_and_shipped_preprocessing(pair: Pair) -> None:
     assert (description["minWorkers"], description["maxWorkers"], description["responseTimeout"]) == (1, 1, 120)
     log = (ts.work / "logs" / "model_log.log").read_text()
     line = next(x for x in log.splitlines() if "imgclf handler: demo v1 on " in x)
-    assert f"on {BACKEND_OF[pair.fmt]}/cpu" in line
+    assert any(f"on {backend} fp32/cpu" in line for backend in backends_reading(pair.fmt))
     shipped = Path(line.rsplit("preprocessing from ", 1)[1].strip())
     assert shipped.is_relative_to(ts.work / "models") and shipped.parts[-2:] == ("service", "preprocess.py")
