@@ -362,4 +362,6 @@ def _make_preprocess(
         resize, crop = round(img_size * resize / crop), img_size
     m0, m1, m2 = (float(v) for v in mean)
     s0, s1, s2 = (float(v) for v in std)
-    return Preprocess(resize=resize, crop=crop, interpolation=interpolation, mean=(m0, m1, m2), std=(s0, s1, s2))
+    return Preprocess(
+        resize=resize, crop=crop, interpolation=interpolation, mean=(m0, m1, m2), std=(s0, s1, s2), jpeg_draft=True
+    )

@@ -319,7 +319,11 @@ def load_splits(out_dir: Path) -> DataSplits:
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Samples decoded with the server's decoder (RGB PIL image), then ``transform`` -> tensor."""
+    """Samples decoded with the server's decoder (RGB PIL image), then ``transform`` -> tensor.
+
+    ``draft_to`` > 0 decodes a large JPEG in draft mode as the server does (``service.preprocess.draft_size``):
+    for evaluation, so finetune's answers are the server's; training decodes whole images.
+    """
 
     def __init__(
         self,
@@ -327,17 +331,20 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         transform: Callable[[Image.Image], torch.Tensor],
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_to: int = 0,
     ) -> None:
         self.samples = tuple(samples)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.draft_to = draft_to
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        image = decode_image(sample.path.read_bytes(), max_pixels=self.max_pixels, source=str(sample.path))
+        data = sample.path.read_bytes()
+        image = decode_image(data, max_pixels=self.max_pixels, source=str(sample.path), draft_to=self.draft_to)
         return self.transform(image), sample.label
 
     @property

@@ -30,6 +30,7 @@ from finetune.optim import build_optimizer, build_scheduler
 from finetune.publish import check_writable
 from finetune.tblog import TensorBoardLog
 from service.manifest import Preprocess
+from service.preprocess import draft_size
 
 logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
@@ -216,7 +217,8 @@ class Trainer:
     def _loader(self, samples: tuple[data.Sample, ...], transform: Any, *, epoch: int, train: bool) -> DataLoader[Any]:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        dataset = data.ImageDataset(samples, transform)
+        draft_to = 0 if train else draft_size(self.backbone.preprocess)  # evaluation decodes as the server does
+        dataset = data.ImageDataset(samples, transform, draft_to=draft_to)
         sampler: Any = None
         if train and self.dist.enabled:
             sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=cfg.seed)

@@ -31,7 +31,7 @@ from service import registry
 from service.backends import Backend, LoadOptions, installed, open_backend
 from service.manifest import Preprocess
 from service.precision import host_features
-from service.preprocess import crop_pixels, decode_image, normalize_array
+from service.preprocess import crop_pixels, decode_image, draft_size, normalize_array
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,11 @@ class Evidence:
 
 
 def load_pixels(samples: Sequence[Sample], spec: Preprocess) -> np.ndarray:
-    """The uint8 (N, crop, crop, 3) pixels of ``samples`` through the eval preprocessing."""
-    crop = spec.crop
-    pixels = [crop_pixels(decode_image(s.path.read_bytes(), source=str(s.path)), spec) for s in samples]
+    """The uint8 (N, crop, crop, 3) pixels of ``samples``, decoded and preprocessed as the server does."""
+    crop, draft_to = spec.crop, draft_size(spec)
+    pixels = [
+        crop_pixels(decode_image(s.path.read_bytes(), source=str(s.path), draft_to=draft_to), spec) for s in samples
+    ]
     return np.stack(pixels) if pixels else np.zeros((0, crop, crop, 3), dtype=np.uint8)
 
 

@@ -45,6 +45,9 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     channel_order: str = "RGB"
     layout: str = "NCHW"
+    # decode a JPEG at least twice the resize size with libjpeg's DCT scaling (Pillow's draft mode) to
+    # no less than the resize size: 3x faster on phone photos; finetune evaluates the same way
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.crop <= 0 or self.resize < self.crop:
@@ -69,6 +72,7 @@ class Preprocess:
             std=_triple(data.get("std", cls.std)),
             channel_order=str(data.get("channel_order", "RGB")),
             layout=str(data.get("layout", "NCHW")),
+            jpeg_draft=bool(data.get("jpeg_draft", False)),
         )
 
 

@@ -10,6 +10,7 @@ NumPy and Pillow only, so an ONNX-only server never imports torch.
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import numpy as np
@@ -59,9 +60,19 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
+def draft_size(spec: Preprocess) -> int:
+    """The shorter side a JPEG may be decoded down to for ``spec`` (0: decode it whole)."""
+    return spec.resize if spec.jpeg_draft else 0
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image", draft_to: int = 0
+) -> Image.Image:
     """Decode encoded image bytes into an RGB PIL image.
 
+    ``draft_to`` > 0: a JPEG whose shorter side is at least twice that is decoded by libjpeg at 1/2,
+    1/4 or 1/8 scale (DCT scaling), keeping the shorter side at ``draft_to`` or more: a 12 MP photo
+    decodes about 3x faster, and the resize that follows sees nearly the same pixels.
     Raises InvalidInput naming ``source`` for empty, truncated or non-image data and
     PayloadTooLarge for images over ``max_pixels`` (checked before pixels are decoded) or over
     Pillow's own limit (see :func:`allow_pixels`). No warning filters are touched: they are
@@ -72,6 +83,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         _check_size(image, max_pixels, source)
+        if draft_to > 0 and image.format == "JPEG":
+            _draft(image, draft_to)
         image.load()
         return to_rgb(image)  # inside: a damaged EXIF block fails here, in exif_transpose
     except (PayloadTooLarge, InvalidInput):
@@ -82,6 +95,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
         raise InvalidInput(f"{source}: not a recognised image (JPEG, PNG, WebP, BMP, GIF, TIFF)") from exc
     except (OSError, ValueError, SyntaxError, EOFError, Warning) as exc:  # Warning: where warnings are errors
         raise InvalidInput(f"{source}: corrupt or truncated image ({exc})") from exc
+
+
+def _draft(image: Image.Image, short_side: int) -> None:
+    width, height = image.size
+    short = min(width, height)
+    if short >= 2 * short_side:
+        scale = short_side / short
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def _check_size(image: Image.Image, max_pixels: int, source: str) -> None:
@@ -172,6 +193,6 @@ def preprocess_image(image: Image.Image, spec: Preprocess) -> np.ndarray:
 def preprocess_bytes(
     data: bytes, spec: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image"
 ) -> np.ndarray:
-    """Encoded image bytes -> float32 (3, crop, crop) array."""
-    rgb = decode_image(data, max_pixels=max_pixels, source=source)  # already upright RGB: no second to_rgb
+    """Encoded image bytes -> float32 (3, crop, crop) array (a large JPEG in draft mode where ``spec`` says so)."""
+    rgb = decode_image(data, max_pixels=max_pixels, source=source, draft_to=draft_size(spec))  # upright RGB
     return normalize(resize_and_crop(rgb, spec), spec)

@@ -4,6 +4,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -251,3 +252,20 @@ def test_image_dataset_items(image_folder: Path) -> None:
     assert label == splits.train[0].label
     assert len(dataset) == len(splits.train)
     assert dataset.targets == [s.label for s in splits.train]
+
+
+def test_evaluation_decodes_a_large_jpeg_as_the_server_does(tmp_path: Path) -> None:
+    from finetune.transforms import eval_transform
+    from service.manifest import Preprocess
+    from service.preprocess import draft_size, preprocess_bytes
+
+    y, x = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    spec = Preprocess(resize=128, crop=112, jpeg_draft=True)
+    dataset = ImageDataset([Sample(path, 0)], eval_transform(spec), draft_to=draft_size(spec))
+    served = preprocess_bytes(path.read_bytes(), spec)
+    assert np.array_equal(dataset[0][0].numpy(), served)
+    whole = ImageDataset([Sample(path, 0)], eval_transform(spec))[0][0].numpy()
+    assert not np.array_equal(whole, served)  # the draft really was taken

@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from service.preprocess import (
     IMAGE_BLOCKS_CACHED,
     allow_pixels,
     decode_image,
+    draft_size,
     preprocess_bytes,
     preprocess_image,
     to_rgb,
@@ -137,3 +139,33 @@ def test_pillow_memory_pool_is_on_unless_the_environment_says(environment: dict[
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILLOW_")} | environment
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) == blocks
+
+
+def _photo(width: int = 2400, height: int = 1800) -> bytes:
+    """A smooth, photo-like JPEG (gradients and a disc), the kind DCT scaling reproduces well."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (height / 3) ** 2) * 120.0
+    pixels = np.stack([x / width * 255, y / height * 255, disc + 60], axis=-1).clip(0, 255).astype(np.uint8)
+    return _encode(Image.fromarray(pixels), "JPEG")
+
+
+def test_jpeg_draft_decodes_a_large_photo_at_a_reduced_scale() -> None:
+    data = _photo()
+    assert decode_image(data).size == (2400, 1800)
+    assert decode_image(data, draft_to=256).size == (600, 450)  # 1/4: the largest reduction keeping 256
+    assert decode_image(data, draft_to=500).size == (1200, 900)
+    assert decode_image(data, draft_to=1000).size == (2400, 1800)  # not twice the size: decoded whole
+    png = _encode(Image.open(io.BytesIO(data)), "PNG")
+    assert decode_image(png, draft_to=256).size == (2400, 1800)  # only JPEG has DCT scaling
+
+
+def test_jpeg_draft_is_the_manifests_choice_and_stays_close_to_a_full_decode() -> None:
+    data = _photo()
+    full = preprocess_bytes(data, Preprocess(resize=256, crop=224))
+    drafted = preprocess_bytes(data, Preprocess(resize=256, crop=224, jpeg_draft=True))
+    assert draft_size(Preprocess(resize=256, crop=224, jpeg_draft=True)) == 256
+    assert not np.array_equal(full, drafted)
+    assert float(np.abs(full - drafted).mean()) < 0.01  # normalized units: a few hundredths of a grey level
+    small = _encode(_random_image(300, 280), "JPEG")  # under twice the resize: identical either way
+    spec = Preprocess(resize=256, crop=224)
+    assert np.array_equal(preprocess_bytes(small, spec), preprocess_bytes(small, replace(spec, jpeg_draft=True)))
