@@ -28,7 +28,9 @@ PHONE_QUALITY = 90
 SENSOR_NOISE = 6.0  # std of the grain added after upscaling: a smooth upscale compresses to a third of a real photo
 
 
-def phone_photo(source: Path, *, size: tuple[int, int] = PHONE_SIZE, quality: int = PHONE_QUALITY, seed: int = 0) -> bytes:
+def phone_photo(
+    source: Path, *, size: tuple[int, int] = PHONE_SIZE, quality: int = PHONE_QUALITY, seed: int = 0
+) -> bytes:
     """``source`` upscaled to ``size`` (bicubic), with a little grain so it weighs what a phone's JPEG does."""
     with Image.open(source) as image:
         big = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
@@ -76,7 +78,7 @@ def _decode_for(kind: str, seconds: float) -> list[float]:
     """Decode and preprocess ``kind``'s images round robin for ``seconds``: each one's seconds."""
     from service.preprocess import preprocess_bytes
 
-    images, times = _PAYLOADS[kind], []
+    images, times = _PAYLOADS[kind], list[float]()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         started = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -28,11 +27,12 @@ import numpy as np
 
 from bench import procs
 from bench.clients import make_client
+from bench.labels import BACKENDS, OursConfig, config_label, parse_config, parse_label
 from bench.loadgen import LoadResult, closed_loop, open_loop
 from bench.servers import Running, start_ours, start_torchserve
-from service import registry
 
 logger = logging.getLogger(__name__)
+__all__ = ["BACKENDS", "OursConfig", "config_label", "parse_config", "parse_label"]  # where bench found them before
 
 # ours-<short>[-<precision>]-b<max batch size>: batching on (8) and off (1), each backend, fp32
 DEFAULT_CONFIGS = ("ours-ort-b8", "ours-ort-b1", "ours-ts-b8", "ours-ts-b1")
@@ -41,8 +41,6 @@ PAIRED_PAUSE_S = 0.01  # between blocks, so the other side's threads go idle
 PROBE_CLIENT = "blocking"  # the paired overhead's client: the least client CPU per request
 GOAL_SERVER = "ours-ort-b8"  # the issue's goals are judged on our default: ONNX Runtime, batching on
 GOAL_CONCURRENCY = 8  # ... and their throughput ratios at this concurrency
-BACKENDS = registry.SHORT_NAMES  # label short name -> backend ("ort" -> "onnxruntime"); "auto" besides
-AUTO = "auto"
 TORCHSERVE = "torchserve"  # TorchServe with the TorchScript archive (the issue's baseline)
 TORCHSERVE_LABELS = {"torchscript": TORCHSERVE, "onnx": "torchserve-onnx"}  # archive format -> label
 
@@ -68,55 +66,6 @@ class Plan:
     serve_args: tuple[str, ...] = ()  # more flags for every ``serve``, e.g. --decode-workers 12
     http_client: str = "lean"  # the load generator's HTTP library (bench.clients.HTTP_CLIENTS)
     ts_precision: str = "fp32"  # our TorchServe handler's precision (the fp32 baseline unless asked otherwise)
-
-
-@dataclass(frozen=True)
-class OursConfig:
-    """One of our servers as a label names it: ``serve --backend B --precision P --max-batch-size N``."""
-
-    backend: str  # a registry name, or "auto"
-    precision: str  # fp32 | bf16 | int8 | auto
-    max_batch_size: int
-
-    @property
-    def label(self) -> str:
-        return config_label(self.backend, self.precision, self.max_batch_size)
-
-
-def _short(backend: str) -> str:
-    return AUTO if backend == AUTO else registry.backend_spec(backend).short
-
-
-def config_label(backend: str, precision: str, max_batch_size: int) -> str:
-    """("openvino", "int8", 8) -> ``ours-ov-int8-b8``; the inverse of :func:`parse_label`."""
-    return f"ours-{_short(backend)}-{precision}-b{max_batch_size}"
-
-
-def parse_label(label: str) -> OursConfig:
-    """``ours-ov-int8-b8`` -> OursConfig("openvino", "int8", 8); ``ours-ort-b8`` (no precision) means fp32.
-
-    The short names are the registry's (plus ``auto`` for ``--backend auto``); a precision the
-    backend cannot run (``ours-ts-int8-b8``) is a ValueError, as an unknown name is.
-    """
-    shorts = "|".join(map(re.escape, (*BACKENDS, AUTO)))
-    precisions = "|".join(registry.PRECISION_CHOICES)
-    match = re.fullmatch(rf"ours-({shorts})(?:-({precisions}))?-b([1-9][0-9]*)", label)
-    if match is None:
-        raise ValueError(
-            f"server configuration {label!r} is not ours-<{'|'.join((*BACKENDS, AUTO))}>[-<{precisions}>]-b<max batch "
-            "size>"
-        )
-    backend = AUTO if match[1] == AUTO else BACKENDS[match[1]]
-    precision = match[2] or "fp32"
-    if backend != AUTO and precision != AUTO and registry.backend_spec(backend).format_for(precision) is None:
-        raise ValueError(f"server configuration {label!r}: {backend} has no {precision} precision")
-    return OursConfig(backend, precision, int(match[3]))
-
-
-def parse_config(label: str) -> tuple[str, int]:
-    """``ours-ort-b8`` -> ("onnxruntime", 8): our server's backend and max batch size (see :func:`parse_label`)."""
-    config = parse_label(label)
-    return config.backend, config.max_batch_size
 
 
 def start_servers(plan: Plan, *, store: Path, package_dir: Path, model: str, work: Path) -> list[Running]:
