@@ -19,7 +19,8 @@ from bench import raw
 from service import registry
 from service.backends import Backend, LoadOptions, installed, open_backend
 from service.manifest import Manifest, load_manifest
-from service.precision import HostFeatures, drift, host_features, load_parity, run_batched
+from service.parity import drift, load_parity
+from service.precision import HostFeatures, host_features, run_batched
 
 logger = logging.getLogger(__name__)
 

@@ -223,12 +223,14 @@ SUBCOMMANDS = {
     "explain": "explain",
     "lr-find": "lr_find",
     "package": "package_cli",
+    "quantize": "quantize_cli",
     "sweep": "sweep",
 }
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point; ``compare``, ``lr-find``, ``explain`` and ``package`` are subcommands."""
+    """Console-script entry point; ``compare``, ``lr-find``, ``explain``, ``package``, ``quantize`` and ``sweep``
+    are subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib

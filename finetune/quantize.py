@@ -7,7 +7,7 @@ against the eager fp32 model on every held-out image (validation and test, none 
 calibration), on every installed backend that runs the precision; the first recipe that some
 backend may serve is kept. bf16 is a runtime choice: judged the same way where this CPU has bf16.
 
-    evidence = evaluate(export_dir, eager, held_out, spec, classes=..., int8=Int8Options(calibration=train))
+    evidence = evaluate(export_dir, eager_runner(model), held_out, spec, classes=..., int8=Int8Options(train))
     evidence.metrics        # -> manifest.metrics["precisions"]
     evidence.formats        # ("onnx_int8",) when an int8 recipe passed
 """
@@ -120,7 +120,7 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path, *, r
     import nncf
     import onnx
 
-    nncf.set_log_level(logging.ERROR)
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress notes; not nncf.set_log_level: that sets handlers
     model = onnx.load(str(onnx_path))
     preset = nncf.QuantizationPreset.PERFORMANCE if recipe == "performance" else nncf.QuantizationPreset.MIXED
     ignored = nncf.IgnoredScope(names=_float_ends(model)) if recipe == "mixed-float-ends" else None
@@ -163,7 +163,7 @@ def _judge_all(
 
 def evaluate(
     export_dir: Path,
-    eager: nn.Module,
+    reference_model: Runner,
     held_out: Sequence[Sample],
     spec: Preprocess,
     *,
@@ -172,11 +172,15 @@ def evaluate(
     max_accuracy_drop: float = 0.5,
     seed: int = 0,
 ) -> Evidence:
-    """Judge bf16 (where this CPU has it) and, with ``int8``, calibrate and judge int8 recipe by recipe."""
+    """Judge bf16 (where this CPU has it) and, with ``int8``, calibrate and judge int8 recipe by recipe.
+
+    ``reference_model`` gives the fp32 logits everything is judged against: the eager model
+    (:func:`eager_runner`) at fine-tune time, the package's own fp32 ONNX model for an existing package.
+    """
     evidence = Evidence()
     if not held_out or not (export_dir / registry.FORMAT_FILES["onnx"]).is_file():
         return evidence
-    reference = logits_of({"fp32": eager_runner(eager)}, held_out, spec)["fp32"]
+    reference = logits_of({"fp32": reference_model}, held_out, spec)["fp32"]
     kw = {"classes": classes, "max_drop": max_accuracy_drop}
     why = host_features().unsupported("bf16")
     bf16 = (

@@ -123,7 +123,7 @@ def _precisions(run: FinishedRun, eager: nn.Module, export_dir: Path) -> quantiz
     int8 = quantize.Int8Options(run.splits.train, cfg.calibration_images) if cfg.int8 else None
     return quantize.evaluate(
         export_dir,
-        eager,
+        quantize.eager_runner(eager),
         held_out,
         run.backbone.preprocess,
         classes=run.splits.classes,

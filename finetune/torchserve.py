@@ -46,6 +46,7 @@ SHARED_MODULES = (
     "preprocess.py",
     "registry.py",
     "backends.py",
+    "parity.py",
     "precision.py",
     *(f"{spec.module.rpartition('.')[2]}.py" for spec in BACKENDS.values()),
 )

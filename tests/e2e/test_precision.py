@@ -162,3 +162,24 @@ def test_bad_precision_values_fail_at_start_with_one_line(
         check=False,
     )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [message]
+
+
+def test_finetune_quantize_publishes_an_existing_package_again_with_int8(demo_package: Package, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(demo_package.store / "demo" / "1", store / "demo" / "1")
+    manifest_path = store / "demo" / "1" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    (store / "demo" / "1" / "model.int8.onnx").unlink()  # a package made without --int8 true
+    del manifest["formats"]["onnx_int8"], manifest["files"]["model.int8.onnx"]
+    manifest_path.write_text(json.dumps(manifest))
+    quantize = [str(BIN / "finetune"), "quantize", str(store / "demo" / "1")]
+    result = subprocess.run(quantize, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"published: {store / 'demo' / '2'}"
+    published = json.loads((store / "demo" / "2" / MANIFEST_FILE).read_text())
+    assert published["formats"] == manifest["formats"] | {"onnx_int8": "model.int8.onnx"}
+    assert published["extra"]["quantized_from"] == "demo/1" and published["parity"] == manifest["parity"]
+    assert published["metrics"]["precisions"]["int8"]["verdict"] in ("pass", "inconclusive")
+    assert published["metrics"]["test"] == manifest["metrics"]["test"]
+    elsewhere = subprocess.run([*quantize, "--run", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert elsewhere.returncode == 2 and "no run folder with splits" in elsewhere.stderr

@@ -178,8 +178,8 @@ def test_parameter_groups_skip_empty_groups() -> None:
 
 # ---- eval preprocessing -------------------------------------------------------------------------
 def test_eval_preprocess_follows_the_weights() -> None:
-    assert eval_preprocess("resnet50") == Preprocess(resize=232, crop=224, interpolation="bilinear")
-    assert eval_preprocess("resnet50", "IMAGENET1K_V1") == Preprocess(resize=256, crop=224)
+    assert eval_preprocess("resnet50") == Preprocess(resize=232, crop=224, interpolation="bilinear", jpeg_draft=True)
+    assert eval_preprocess("resnet50", "IMAGENET1K_V1") == Preprocess(resize=256, crop=224, jpeg_draft=True)
     assert eval_preprocess("resnet50", "ResNet50_Weights.IMAGENET1K_V1") == eval_preprocess("resnet50", "IMAGENET1K_V1")
     assert eval_preprocess("resnet50", "none") == eval_preprocess("resnet50")
     assert eval_preprocess("inception_v3").crop == 299
@@ -198,6 +198,8 @@ def test_fixed_size_models_refuse_other_sizes_with_pretrained_weights() -> None:
 
 
 def test_lite0_preprocessing_comes_from_the_timm_config() -> None:
-    expected = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    expected = Preprocess(
+        resize=256, crop=224, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, jpeg_draft=True
+    )
     assert eval_preprocess(LITE0_BACKBONE, LITE0_WEIGHTS) == expected
     assert eval_preprocess(LITE0_BACKBONE, "none") == expected

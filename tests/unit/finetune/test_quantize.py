@@ -77,7 +77,9 @@ def test_evaluate_publishes_int8_only_when_it_passes(tmp_path: Path, int8: bool)
     export_and_check(model, torch.rand(4, 3, 16, 16), export, formats=("onnx",))
     samples = _samples(tmp_path, 12)
     options = quantize.Int8Options(samples[::2], size=12) if int8 else None
-    evidence = quantize.evaluate(export, model, samples[1::2], SPEC, classes=CLASSES, int8=options)
+    evidence = quantize.evaluate(
+        export, quantize.eager_runner(model), samples[1::2], SPEC, classes=CLASSES, int8=options
+    )
     assert set(evidence.metrics) == ({"bf16", "int8"} if int8 else {"bf16"})
     if not int8:
         assert evidence.formats == () and not (export / "model.int8.onnx").exists()
@@ -105,7 +107,9 @@ def test_evaluate_gives_up_after_every_recipe(tmp_path: Path, monkeypatch: pytes
         return out_path
 
     monkeypatch.setattr(quantize, "quantize_int8", broken)
-    evidence = quantize.evaluate(export, model, samples, SPEC, classes=CLASSES, int8=quantize.Int8Options(samples))
+    evidence = quantize.evaluate(
+        export, quantize.eager_runner(model), samples, SPEC, classes=CLASSES, int8=quantize.Int8Options(samples)
+    )
     assert evidence.metrics["int8"]["verdict"] == "fail" and evidence.formats == ()
     assert [t["recipe"] for t in evidence.metrics["int8"]["tried"]] == [f"nncf-{r}" for r in quantize.RECIPES]
     assert not (export / "model.int8.onnx").exists()

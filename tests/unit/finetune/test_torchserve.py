@@ -311,3 +311,48 @@ def test_archive_is_self_contained(package: TinyPackage, tmp_path: Path) -> None
     )
     for line in result.stdout.split():
         assert Path(line).resolve().is_relative_to((tmp_path / "model").resolve()), result.stdout
+
+
+def _with_int8(package: TinyPackage, root: Path) -> Path:
+    """The tiny package again, as version 2, with an "int8" model (a copy of the fp32 ONNX) and a parity set."""
+    from finetune.release import write_parity_set
+    from service.manifest import load_manifest
+    from service.preprocess import normalize_array
+
+    export = package.folder.parents[2] / "export"
+    (export / "model.int8.onnx").write_bytes((export / "model.onnx").read_bytes())
+    manifest = load_manifest(package.folder)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        inputs = torch.from_numpy(np.stack([normalize_array(p, manifest.preprocess) for p in pixels]))
+        write_parity_set(export, pixels, package.model(inputs).numpy())
+    spec = PackageSpec(
+        name="tiny",
+        backbone="tiny-cnn",
+        labels=LABELS,
+        preprocess=manifest.preprocess,
+        metrics={},
+        extra={},
+        parity={"images": "parity_images.npy", "logits": "parity_logits.npy"},
+    )
+    formats = ("torchscript", "onnx", "onnx_int8")
+    return publish_package(spec, export_dir=export, store=root / "store", formats=formats, version=2)
+
+
+def test_the_onnx_archive_carries_int8_and_the_handler_serves_it(package: TinyPackage, tmp_path: Path) -> None:
+    folder = _with_int8(package, tmp_path)
+    onnx_mar = build_mar(folder, out_dir=tmp_path / "ts", fmt="onnx", precision="int8")
+    with zipfile.ZipFile(onnx_mar) as archive:
+        assert {"model.onnx", "model.int8.onnx", "parity_images.npy", "parity_logits.npy"} <= set(archive.namelist())
+    context = _unpacked(onnx_mar, tmp_path / "onnx")
+    assert context.model_yaml_config["handler"]["precision"] == "int8"
+    classifier = ts_handler.ImageClassifier.from_context(context)
+    assert (classifier.backend.name in ("onnxruntime", "openvino"), classifier.backend.precision) == (True, "int8")
+    (answer,) = classifier.handle([{"body": _png((220, 20, 20))}], context)
+    assert next(iter(answer)) in LABELS
+    ts_mar = build_mar(folder, out_dir=tmp_path / "ts", fmt="torchscript", precision="fp32")
+    with zipfile.ZipFile(ts_mar) as archive:
+        names = set(archive.namelist())
+    assert "model.int8.onnx" not in names and "parity_logits.npy" in names
+    with pytest.raises(ArchiveError, match="precision 'fp16' is not one of auto, fp32, bf16, int8"):
+        build_mar(folder, out_dir=tmp_path / "ts", precision="fp16")

@@ -17,7 +17,8 @@ import pytest
 from service import precision, registry
 from service.errors import PackageError
 from service.manifest import load_manifest
-from service.precision import HostFeatures, drift, host_features, load_parity, parity_failure, select
+from service.parity import drift, load_parity, parity_failure
+from service.precision import HostFeatures, host_features, select
 from tests.unit.service.conftest import TinyExport
 
 XEON_AMX = HostFeatures("Intel Xeon", frozenset({"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}))
