@@ -239,7 +239,7 @@ def _missing(manifest: Manifest, names: list[str], precision: str) -> str:
     present = [fmt for fmt in formats if fmt in manifest.formats]
     if not present:
         files = ", ".join(sorted(registry.FORMAT_FILES[str(fmt)] for fmt in formats))
-        hint = " (finetune --int8 true, or finetune-package --int8)" if precision == "int8" else ""
+        hint = " (finetune --int8 true, or finetune quantize PACKAGE)" if precision == "int8" else ""
         return f"the package has no {files}{hint}"
     engines = [
         registry.backend_spec(n).package for n in names if registry.backend_spec(n).format_for(precision) in present
