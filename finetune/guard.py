@@ -19,17 +19,12 @@ from typing import Any
 
 import numpy as np
 
-CONFIDENT = 0.8
+from service.parity import CONFIDENT, softmax
+
 MAX_DROP_POINTS = 0.5
 MIN_CONFIDENT_AGREEMENT = 0.99
 ALPHA = 0.05
 PUBLISHED = ("pass", "inconclusive")  # verdicts under which a reduced precision is published
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return result
 
 
 def mcnemar_one_sided(losses: int, gains: int) -> float:

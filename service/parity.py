@@ -60,7 +60,7 @@ def load_parity(package_dir: Path, manifest: Manifest) -> ParitySet | None:
     return ParitySet(inputs, logits.astype(np.float32))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
     return result
@@ -82,7 +82,7 @@ def parity_failure(reference: np.ndarray, candidate: np.ndarray, precision: str)
     tolerance = DRIFT_TOLERANCE[precision]
     if moved > tolerance:
         return f"logits drift {moved:.3g} of their scale on the parity set (tolerance {tolerance:g})"
-    confident = _softmax(reference).max(axis=1) >= CONFIDENT
+    confident = softmax(reference).max(axis=1) >= CONFIDENT
     flipped = int((reference.argmax(axis=1) != candidate.argmax(axis=1))[confident].sum())
     if flipped:
         return f"{flipped} of {int(confident.sum())} confident parity images change their top-1 class"
