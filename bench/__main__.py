@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import machine, precision_report, raw, report, serving, training
+from bench import machine, precision_report, quality_report, raw, report, serving, training
 from bench.clients import PROTOCOLS, SWEEP_CLIENTS
 from bench.servers import REPO, Running
 
@@ -329,15 +329,18 @@ def run_benchmark(options: Options, work: Path, command: str) -> dict[str, Any]:
 def write(results: dict[str, Any], *, md: Path, js: Path) -> None:
     js.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    md.write_text(_keep_precision(md, report.render(results)), encoding="utf-8")
+    md.write_text(_keep_sections(md, report.render(results)), encoding="utf-8")
     logger.info("wrote %s and %s", md, js)
 
 
-def _keep_precision(md: Path, text: str) -> str:
-    """``text`` with the precision benchmark's section of the old report carried over (``python -m bench.precision``
-    writes it; this run does not measure it)."""
-    kept = precision_report.section_of(md.read_text(encoding="utf-8")) if md.is_file() else ""
-    return precision_report.replace_section(text, kept) if kept else text
+def _keep_sections(md: Path, text: str) -> str:
+    """``text`` with the sections of the old report that other benchmarks write carried over
+    (``python -m bench.precision`` and ``python -m bench.quality``; this run measures neither)."""
+    old = md.read_text(encoding="utf-8") if md.is_file() else ""
+    for heading in (precision_report.HEADING, quality_report.HEADING):
+        kept = precision_report.section_of(old, heading=heading)
+        text = precision_report.replace_section(text, kept, heading=heading) if kept else text
+    return text
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -366,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if args.render is not None:
         results = json.loads(args.render.read_text())
-        args.output_md.write_text(_keep_precision(args.output_md, report.render(results)), encoding="utf-8")
+        args.output_md.write_text(_keep_sections(args.output_md, report.render(results)), encoding="utf-8")
         return 0
     try:
         options = resolve(args)

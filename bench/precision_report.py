@@ -15,24 +15,25 @@ HEADING = "## Precision (issue H): python -m bench.precision"
 FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its precision section (heading to the next ``## `` heading or the end) replaced by
-    ``section``, or ``section`` appended at the end when there is none."""
+def replace_section(document: str, section: str, *, heading: str = HEADING) -> str:
+    """``document`` with its section under ``heading`` (the precision one unless told; to the next ``## ``
+    heading or the end) replaced by ``section``, or ``section`` appended at the end when there is none."""
     body = section.rstrip("\n") + "\n"
-    start = document.find(HEADING)
+    start = document.find(heading)
     if start < 0:
         return document.rstrip("\n") + "\n\n" + body
-    end = document.find("\n## ", start + len(HEADING))
+    end = document.find("\n## ", start + len(heading))
     rest = "" if end < 0 else "\n" + document[end + 1 :]
     return document[:start] + body + rest
 
 
-def section_of(document: str) -> str:
-    """The precision section of ``document`` ("" when it has none): what ``python -m bench`` carries over."""
-    start = document.find(HEADING)
+def section_of(document: str, *, heading: str = HEADING) -> str:
+    """The section of ``document`` under ``heading`` (the precision one unless told; "" when it has none):
+    what ``python -m bench`` carries over."""
+    start = document.find(heading)
     if start < 0:
         return ""
-    end = document.find("\n## ", start + len(HEADING))
+    end = document.find("\n## ", start + len(heading))
     return document[start:] if end < 0 else document[start : end + 1]
 
 

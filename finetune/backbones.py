@@ -359,9 +359,26 @@ def _make_preprocess(
     *, crop: int, resize: int, interpolation: str, mean: Any, std: Any, img_size: int | None
 ) -> Preprocess:
     if img_size is not None:
-        resize, crop = round(img_size * resize / crop), img_size
+        resize, crop = _resize_for(img_size, crop=crop, resize=resize), img_size
     m0, m1, m2 = (float(v) for v in mean)
     s0, s1, s2 = (float(v) for v in std)
     return Preprocess(
         resize=resize, crop=crop, interpolation=interpolation, mean=(m0, m1, m2), std=(s0, s1, s2), jpeg_draft=True
     )
+
+
+# Below this fraction of the pretraining crop, images are resized to the crop without trimming.
+SMALL_INPUT_FRACTION = 0.5
+
+
+def _resize_for(img_size: int, *, crop: int, resize: int) -> int:
+    """The resize (short side) for a crop of ``img_size``, from the pretraining ``resize``/``crop`` pair.
+
+    Near the pretraining size the ratio is kept (ImageNet-style photos, where the centre crop trims a
+    loose frame). Far below it (``img_size <= SMALL_INPUT_FRACTION * crop``: 64 px for a 224 px model)
+    the images are small and usually tightly framed (digits, icons, thumbnails), so the short side is
+    resized to ``img_size`` and nothing is cut off.
+    """
+    if img_size <= SMALL_INPUT_FRACTION * crop:
+        return img_size
+    return round(img_size * resize / crop)

@@ -20,10 +20,12 @@ class TrainState:
     epoch: int = 0  # epochs completed
     global_step: int = 0
     best_metric: float | None = None
+    best_loss: float | None = None  # the best epoch's validation loss (breaks ties of best_metric)
     best_epoch: int = 0
     bad_epochs: int = 0
     finished: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    probe: dict[str, float] | None = None  # the head fitted on cached features, scored as epoch 0 (finetune.auto)
 
 
 def save_checkpoint(path: Path, *, state: TrainState, tensors: dict[str, Any]) -> None:

@@ -36,6 +36,21 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _auto(kind: type[int] | type[float]) -> Any:
+    """A parser for ``auto`` (None: chosen from the data) or a number of ``kind``."""
+
+    def parse(text: str) -> int | float | None:
+        if text.strip().lower() == cfg_mod.AUTO:
+            return None
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected auto or a number, got {text!r}") from exc
+
+    parse.__name__ = f"auto or {kind.__name__}"
+    return parse
+
+
 def _formats(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -96,11 +111,25 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    group.add_argument(
+        "--epochs",
+        type=_auto(int),
+        help="training epochs; auto: enough for ~250 optimizer steps, 5 to 18 epochs (default auto)",
+    )
     group.add_argument("--batch-size", type=int, help="images per batch (default 32)")
     group.add_argument("--optimizer", choices=cfg_mod.OPTIMIZERS, help="default adamw")
-    group.add_argument("--lr", type=float, help="peak learning rate of the head (default 1e-3)")
-    group.add_argument("--backbone-lr-scale", type=float, help="backbone LR = lr x this after unfreezing (default 0.1)")
+    group.add_argument(
+        "--lr",
+        type=_auto(float),
+        help="peak learning rate of the head; auto: the LR range test on the head over cached backbone features "
+        "(default auto)",
+    )
+    group.add_argument(
+        "--backbone-lr-scale",
+        type=_auto(float),
+        help="backbone LR = lr x this; auto: after a fitted head the head's LR capped at 1e-3 (SGD 1e-2), else 0.1 "
+        "(default auto)",
+    )
     group.add_argument("--weight-decay", type=float, help="not applied to norm layers and biases (default 0.05)")
     group.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     group.add_argument("--warmup-epochs", type=float, help="linear warmup before the cosine decay (default 1)")
@@ -108,8 +137,10 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--head-dropout", type=float, help="dropout before the new head (default 0.2)")
     group.add_argument(
         "--freeze-epochs",
-        type=int,
-        help="train only the head for N epochs, then unfreeze; N >= epochs is a linear probe",
+        type=_auto(int),
+        help="train only the head for N epochs, then unfreeze (the LR warms up again); N >= epochs is a linear "
+        "probe; auto: fit the head on cached features first, then fine-tune the whole network, and keep the probe "
+        "if fine-tuning never beats it on validation (default auto)",
     )
     group.add_argument("--clip-grad", type=float, help="gradient norm clip, 0 disables (default 1.0)")
     group.add_argument("--early-stop-metric", choices=cfg_mod.EARLY_STOP_METRICS, help="validation metric to select on")

@@ -17,12 +17,15 @@ AUGMENT_MODES = ("none", "light", "strong")
 MIX_MODES = ("none", "mixup", "cutmix", "both")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
+AUTO = "auto"
+AUTO_FIELDS = ("lr", "epochs", "freeze_epochs", "backbone_lr_scale")  # None means: chosen from the data (finetune.auto)
 TORCHSERVE_MODES = ("none", *EXPORT_FORMATS, "both")  # .mar archives written after publishing
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run. ``freeze_epochs >= epochs`` is a linear probe (only the head trains)."""
+    """Every setting of a run. ``freeze_epochs >= epochs`` is a linear probe (only the head trains); ``None`` in
+    an ``AUTO_FIELDS`` setting is resolved from the data at the start of the run (``finetune.auto``)."""
 
     data: Path
     backbone: str = "resnet50"
@@ -32,17 +35,17 @@ class TrainConfig:
     output_dir: Path = Path("runs")
     run_name: str = ""
     model_store: Path = Path("model_store")
-    epochs: int = 10
+    epochs: int | None = None  # None: auto (finetune.auto: a budget in optimizer steps)
     batch_size: int = 32
     optimizer: str = "adamw"
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
+    lr: float | None = None  # None: auto (the range test on the head)
+    backbone_lr_scale: float | None = None  # None: auto (finetune.auto: BACKBONE_LR_CAP after a fitted head)
     weight_decay: float = 0.05
     momentum: float = 0.9
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     head_dropout: float = 0.2
-    freeze_epochs: int = 0
+    freeze_epochs: int | None = None  # None: auto (head fitted on cached features, then the whole network)
     val_split: float = 0.15
     test_split: float = 0.15
     min_images_per_class: int = 3
@@ -82,11 +85,13 @@ class TrainConfig:
         for fmt in self.export_formats:
             _check_choice("export_formats", fmt, EXPORT_FORMATS)
         _check_choice("torchserve", self.torchserve, TORCHSERVE_MODES)
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.freeze_epochs is not None and self.freeze_epochs < 0:
+            raise ValueError("freeze_epochs must be >= 0")
         if not (0.0 <= self.val_split < 1.0 and 0.0 <= self.test_split < 1.0 and self.val_split + self.test_split < 1):
             raise ValueError("val_split and test_split must be in [0, 1) and sum to less than 1")
-        if self.lr <= 0 or self.backbone_lr_scale < 0:
+        if (self.lr is not None and self.lr <= 0) or (self.backbone_lr_scale or 0) < 0:
             raise ValueError("lr must be > 0 and backbone_lr_scale >= 0")
         if self.int8 and "onnx" not in self.export_formats:
             raise ValueError("int8 is calibrated from the ONNX export: keep onnx in export_formats")
@@ -95,14 +100,21 @@ class TrainConfig:
 
     @property
     def linear_probe(self) -> bool:
-        return self.freeze_epochs >= self.epochs
+        return self.freeze_epochs is not None and self.epochs is not None and self.freeze_epochs >= self.epochs
+
+    @property
+    def auto_fields(self) -> tuple[str, ...]:
+        """The settings left to ``finetune.auto`` (None here, ``auto`` on the command line and in YAML)."""
+        return tuple(name for name in AUTO_FIELDS if getattr(self, name) is None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values (paths as strings, tuples as lists)."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, Path):
+            if value is None and field.name in AUTO_FIELDS:
+                value = AUTO
+            elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -123,7 +135,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        values = dict(data)
+        values: dict[str, Any] = {k: None if k in AUTO_FIELDS and v == AUTO else v for k, v in data.items()}
         for key in ("data", "output_dir", "model_store", "resume"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])

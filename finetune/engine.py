@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune import backbones, data, metrics, release, transforms
+from finetune import auto, backbones, data, metrics, release, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.distributed import init_from_env
 from finetune.loop import EpochStats, StepContext, cross_entropy, predict, resolve_runtime, train_one_epoch
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.lr_find import LRFindResult, figure
+from finetune.optim import build_optimizer, build_scheduler, schedule_factor
 from finetune.publish import check_writable
 from finetune.tblog import TensorBoardLog
 from service.manifest import Preprocess
@@ -79,13 +81,19 @@ class Trainer:
         self.resuming = config.resume is not None and (self.run_dir / RUN_INFO).is_file()
         self.runtime = resolve_runtime(self.config.replace(device=self.dist.device(config.device)))
         self._log_handler: logging.Handler | None = None
+        self._made_parent = False
 
     def run(self) -> RunResult:
+        created = False
         try:
             if self.dist.is_main:
-                self._open_run_dir()
+                created = self._open_run_dir()
             self.dist.barrier()
             return self._run()
+        except BaseException:
+            if created and not (self.run_dir / "checkpoints" / LAST).is_file():
+                self._discard_run_dir()  # a run that never trained leaves nothing behind (typos, bad data)
+            raise
         finally:
             if self._log_handler is not None:
                 logging.getLogger().removeHandler(self._log_handler)
@@ -108,14 +116,29 @@ class Trainer:
         package = release.export_and_publish(self._finished(), self.model, test_metrics)
         return RunResult(self.run_dir, package, test_metrics)
 
-    def _open_run_dir(self) -> None:
+    def _discard_run_dir(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if hasattr(self, "tb"):
+            self.tb.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._made_parent and not any(self.run_dir.parent.iterdir()):
+            self.run_dir.parent.rmdir()
+        logger.info("removed %s: the run stopped before its first checkpoint", self.run_dir)
+
+    def _open_run_dir(self) -> bool:
+        """Make (or reopen) the run folder; True when this call created it."""
         resuming = self.config.resume is not None
         if resuming and not (self.run_dir / "config.yaml").is_file():
             raise ValueError(f"--resume {self.run_dir}: not a run folder (no config.yaml)")
         if not resuming and self.run_dir.exists():
             raise ValueError(f"run folder {self.run_dir} already exists; pick another --run-name or --resume it")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         check_writable(self.config.model_store)  # fail now, not after hours of training
+        created = not self.run_dir.exists()
+        self._made_parent = not self.run_dir.parent.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -123,6 +146,7 @@ class Trainer:
         if not resuming:
             self.config.save(self.run_dir / "config.yaml")
         logger.info("run folder %s (%s)", self.run_dir, "resuming" if resuming else "new")
+        return created
 
     # ---- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -136,12 +160,68 @@ class Trainer:
         self.train_model: nn.Module = self._maybe_compile(self.model)
         self.criterion = self._make_criterion()
         self.steps_per_epoch = len(self._train_loader(0))
+        resumed = (self.run_dir / "checkpoints" / LAST).is_file()
+        if not resumed:
+            self.tb = self._open_tensorboard(purge_step=None)
+        probe = self._resolve_plan()
+        cfg = self.config
         self.optimizer = build_optimizer(self.backbone, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
+        if probe is not None:  # the fitted head is "epoch 0": the best so far, and the first checkpoint
+            self.state = TrainState()
+            self._record_probe(*probe)
+        self.dist.barrier()
         self.state = self._restore()
-        self.tb = TensorBoardLog(
-            self.run_dir / "tensorboard", enabled=cfg.tensorboard and self.dist.is_main, purge_step=self.state.epoch + 1
+        if resumed:  # events after the checkpoint's epoch are dropped
+            self.tb = self._open_tensorboard(purge_step=self.state.epoch + 1)
+
+    def _open_tensorboard(self, *, purge_step: int | None) -> TensorBoardLog:
+        enabled = self.config.tensorboard and self.dist.is_main
+        return TensorBoardLog(self.run_dir / "tensorboard", enabled=enabled, purge_step=purge_step)
+
+    def _resolve_plan(self) -> tuple[Any, Any] | None:
+        """Resolve the ``auto`` settings (rank 0; the others read its choice). Returns the probe's validation
+        logits and targets when the head was fitted here, else None."""
+        cfg, last = self.config, self.run_dir / "checkpoints" / LAST
+        probe = None
+        if self.dist.is_main and not last.is_file():
+            fit = auto.HeadFit(
+                self.criterion, cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.batch_size, cfg.seed
+            )  # fmt: skip
+            inputs = auto.Inputs(
+                self.model, self.backbone.head_prefixes, self._eval_loader(self.splits.train),
+                self._eval_loader(self.splits.val), self.runtime, fit, self.steps_per_epoch,
+                len(self.splits.train) / len(self.labels),
+            )  # fmt: skip
+            self.plan, probe = auto.resolve(cfg, inputs)
+            self.plan.save(self.run_dir)
+            self._log_plan(self.plan)
+        self.dist.barrier()
+        if not self.dist.is_main or last.is_file():
+            self.plan = auto.Plan.load(self.run_dir)
+        plan = self.plan
+        self.config = cfg.replace(
+            lr=plan.lr, epochs=plan.epochs, freeze_epochs=plan.freeze_epochs, backbone_lr_scale=plan.backbone_lr_scale
         )
+        self.epochs, self.freeze_epochs = self.plan.epochs, self.plan.freeze_epochs
+        return probe
+
+    def _log_plan(self, plan: auto.Plan) -> None:
+        self.tb.text("auto/choices", "\n\n".join(plan.summary()), 0)
+        if plan.lr_curve is not None:
+            curve = plan.lr_curve
+            result = LRFindResult(curve["lrs"], curve["losses"], curve["smoothed"], plan.lr, False)
+            chart = figure(result)
+            chart.savefig(self.run_dir / "lr_find.png", dpi=100)
+            self.tb.figure("auto/lr_range_test", chart, 0)
+
+    def _record_probe(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        val = self._val_metrics(logits.float().cpu().numpy(), targets.cpu().numpy())
+        self.state.best_metric, self.state.best_loss, self.state.best_epoch = self._score(val), float(val["loss"]), 0
+        self.state.probe = {"val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
+        self.state.probe["val_macro_f1"] = float(val["macro"]["f1"])
+        self._save(BEST)
+        self._save(LAST)
 
     def _maybe_compile(self, model: nn.Module) -> nn.Module:
         if not self.config.compile:
@@ -246,7 +326,7 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
     def _set_phase(self, epoch: int) -> bool:
         """Freeze the backbone (and its norm statistics) during the head-only epochs."""
-        frozen = epoch < self.config.freeze_epochs
+        frozen = epoch < self.freeze_epochs
         backbones.set_backbone_trainable(self.backbone, not frozen)
         self.model.train()
         if frozen:
@@ -254,7 +334,7 @@ class Trainer:
             for name, module in self.model.named_modules():
                 if backbones.is_head_parameter(name + ".", self.backbone.head_prefixes):
                     module.train()
-        if epoch == self.config.freeze_epochs and epoch > 0:
+        if epoch == self.freeze_epochs and epoch > 0:
             logger.info("epoch %d: backbone unfrozen (lr x %s)", epoch + 1, self.config.backbone_lr_scale)
             self.state.bad_epochs = 0
         return frozen
@@ -271,12 +351,12 @@ class Trainer:
         if self.state.epoch == 0:
             self._log_inputs(val_loader)
         wrapped_frozen: bool | None = None
-        for epoch in range(self.state.epoch, cfg.epochs):
+        for epoch in range(self.state.epoch, self.epochs):
             frozen = self._set_phase(epoch)
             if self.dist.enabled and frozen != wrapped_frozen:  # DDP syncs what requires grad when wrapped
                 ctx.model, wrapped_frozen = self._maybe_compile(self.dist.wrap(self.model)), frozen
             torch.manual_seed(cfg.seed * 1000 + epoch)
-            desc = f"epoch {epoch + 1}/{cfg.epochs}"
+            desc = f"epoch {epoch + 1}/{self.epochs}"
             stats = train_one_epoch(ctx, self._train_loader(epoch), total=self.steps_per_epoch, desc=desc)
             val = self._validate(val_loader)
             if self._end_epoch(epoch, stats, val):
@@ -292,6 +372,9 @@ class Trainer:
 
     def _validate(self, loader: DataLoader[Any]) -> dict[str, Any]:
         logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="validate")
+        return self._val_metrics(logits, targets)
+
+    def _val_metrics(self, logits: Any, targets: Any) -> dict[str, Any]:
         result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
         result["loss"] = cross_entropy(logits, targets)
         return result
@@ -304,24 +387,35 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> bool:
         """Record, checkpoint, log; returns True when early stopping ends the run."""
-        state, score = self.state, self._score(val)
+        state, score, loss = self.state, self._score(val), float(val["loss"])
+        # a tie on a small validation split goes to the lower validation loss
         improved = state.best_metric is None or score > state.best_metric
+        improved = improved or (score == state.best_metric and loss < (state.best_loss or float("inf")))
         row = self._history_row(epoch, stats, val)
         state.history.append(row)
         state.epoch, state.global_step = epoch + 1, state.global_step + self.steps_per_epoch
         if improved:
-            state.best_metric, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+            state.best_metric, state.best_loss, state.best_epoch, state.bad_epochs = score, loss, epoch + 1, 0
             self._save(BEST)
         else:
             state.bad_epochs += 1
         self._save(LAST)
         self._log_epoch(epoch, row, val)
-        stop = epoch + 1 >= self.config.freeze_epochs and state.bad_epochs >= self.config.patience
+        stop = epoch + 1 < self.epochs and self._may_stop(epoch) and state.bad_epochs >= self.config.patience
         if stop:
             logger.info(
                 "early stopping: no %s improvement for %d epochs", self.config.early_stop_metric, state.bad_epochs
             )
         return stop
+
+    def _may_stop(self, epoch: int) -> bool:
+        """Early stopping waits for the unfrozen phase and for the LR to decay below half its peak: a
+        plateau at a high LR is not a finished run."""
+        factor = schedule_factor(
+            (epoch + 1) * self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
+            freeze_epochs=self.freeze_epochs, warmup_epochs=self.config.warmup_epochs,
+        )  # fmt: skip
+        return epoch + 1 >= self.freeze_epochs and factor <= 0.5
 
     def _history_row(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> dict[str, float]:
         return {
@@ -353,7 +447,7 @@ class Trainer:
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f F1 %.4f  lr %.2e  %.1f img/s  "
             "data wait %.0f%%",
-            step, self.config.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
+            step, self.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
             row["val_macro_f1"], row["lr"], row["images_per_second"], 100 * row["data_wait_fraction"],
         )  # fmt: skip
 
@@ -387,4 +481,4 @@ class Trainer:
         return result
 
     def _finished(self) -> release.FinishedRun:
-        return release.FinishedRun(self.config, self.run_dir, self.backbone, self.splits, self.state)
+        return release.FinishedRun(self.config, self.run_dir, self.backbone, self.splits, self.state, self.plan)

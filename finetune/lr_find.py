@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 
 from finetune import backbones, cli, data, transforms
 from finetune.config import TrainConfig
-from finetune.engine import default_name
 from finetune.loop import Runtime, resolve_runtime
 
 logger = logging.getLogger(__name__)
@@ -124,11 +123,12 @@ def range_test(
     return LRFindResult(done, losses, smoothed, suggest(done, smoothed), len(losses) < steps)
 
 
-def plot(result: LRFindResult, path: Path) -> None:
+def figure(result: LRFindResult) -> Any:
+    """The curve (raw and smoothed loss against the LR, log scale) with the suggestion marked."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 4))
-    axes = figure.add_subplot()
+    chart = Figure(figsize=(6, 4))
+    axes = chart.add_subplot()
     axes.plot(result.lrs, result.losses, alpha=0.3, label="loss")
     axes.plot(result.lrs, result.smoothed, label="smoothed")
     axes.axvline(result.suggestion, color="red", linestyle="--", label=f"suggested {result.suggestion:.2e}")
@@ -136,8 +136,12 @@ def plot(result: LRFindResult, path: Path) -> None:
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    chart.tight_layout()
+    return chart
+
+
+def plot(result: LRFindResult, path: Path) -> None:
+    figure(result).savefig(path, dpi=100)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from finetune import errors
+    from finetune.engine import default_name
 
     settings = {k: vars(args).pop(k) for k in ("start_lr", "end_lr", "steps")}
     try:

@@ -14,7 +14,9 @@ MIN_LR_FACTOR = 0.01
 
 
 def build_optimizer(backbone: Backbone, config: TrainConfig) -> torch.optim.Optimizer:
-    """Discriminative LR: the head at ``lr``, the backbone at ``lr * backbone_lr_scale``."""
+    """Discriminative LR: the head at ``lr``, the backbone at ``lr * backbone_lr_scale`` (``lr`` resolved)."""
+    if config.lr is None or config.backbone_lr_scale is None:
+        raise ValueError("the optimizer needs a resolved lr and backbone_lr_scale")
     groups: list[dict[str, Any]] = parameter_groups(
         backbone,
         lr=config.lr,
@@ -35,14 +37,34 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
     return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_factor(step: int, *, steps_per_epoch: int, epochs: int, freeze_epochs: int, warmup_epochs: float) -> float:
+    """The LR factor at ``step``: warmup + cosine over the head-only epochs, then again over the rest.
+
+    A backbone unfrozen part-way warms up from ~0 instead of meeting the peak rate cold (as fastai's
+    ``fine_tune`` runs two one-cycle fits); without frozen epochs (or a linear probe) it is one cycle.
+    """
+    boundary = freeze_epochs * steps_per_epoch if 0 < freeze_epochs < epochs else 0
+    start, end = (0, boundary) if step < boundary else (boundary, epochs * steps_per_epoch)
+    total = end - start
+    warmup = max(0, min(total - 1, round(warmup_epochs * steps_per_epoch)))
+    return warmup_cosine(step - start, warmup_steps=warmup, total_steps=total)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per batch."""
-    total = config.epochs * steps_per_epoch
-    warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+    """Stepped once per batch; ``config`` must be resolved (no ``auto`` left)."""
+    if config.epochs is None or config.freeze_epochs is None:
+        raise ValueError("the schedule needs resolved epochs and freeze_epochs")
+    epochs, freeze = config.epochs, config.freeze_epochs
 
     def factor(step: int) -> float:
-        return warmup_cosine(step, warmup_steps=max(0, warmup), total_steps=total)
+        return schedule_factor(
+            step,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            freeze_epochs=freeze,
+            warmup_epochs=config.warmup_epochs,
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

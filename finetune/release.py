@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune import backbones, data, metrics, quantize
+from finetune.auto import Plan
 from finetune.checkpoint import TrainState
 from finetune.config import TrainConfig
 from finetune.explain import export_for_package
@@ -44,10 +45,13 @@ class FinishedRun:
     backbone: backbones.Backbone
     splits: data.DataSplits
     state: TrainState
+    plan: Plan | None = None  # what the auto settings resolved to (finetune.auto)
 
     @property
     def best_val(self) -> dict[str, Any]:
-        return self.state.history[self.state.best_epoch - 1] if self.state.best_epoch else {}
+        if self.state.best_epoch:
+            return self.state.history[self.state.best_epoch - 1]
+        return {"epoch": 0, **self.state.probe} if self.state.probe else {}
 
 
 def write_predictions(run_dir: Path, splits: data.DataSplits, logits: np.ndarray) -> None:
@@ -154,12 +158,18 @@ def _write_metrics(
         "history": state.history,
         "export_parity": parity,
         "precisions": precisions,
+        "auto": run.plan.reason if run.plan is not None else {},
         "skipped_images": [[str(p), reason] for p, reason in skipped],
     }
     (run.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     (run.run_dir / "history.json").write_text(json.dumps(state.history, indent=2), encoding="utf-8")
     report = [metrics.format_report(test, title=f"{run.config.name}: test set ({run.backbone.name})")]
-    report.append(f"\nBest validation epoch: {state.best_epoch} of {state.epoch}.\n")
+    best = "the head fitted on cached features" if state.best_epoch == 0 else f"{state.best_epoch}"
+    report.append(f"\nBest validation epoch: {best} (of {state.epoch}).\n")
+    if run.plan is not None:
+        report.append("## Learning rate, budget and schedule\n")
+        report += [f"- {line}" for line in run.plan.summary()]
+        report.append("")
     report.append("## Export checks and reduced precisions\n")
     report += [f"- {line}" for line in checks]
     if skipped:

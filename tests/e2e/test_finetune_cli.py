@@ -74,6 +74,24 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "'b'" in err or " b " in err or "b:" in err, err
     assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "a run that never started left its folder behind"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "nonexistent"], "nonexistent"),
+        (["--backbone", "nope"], "nope"),
+    ],
+)
+def test_a_run_that_never_starts_leaves_nothing_behind(tmp_path: Path, args: list[str], message: str) -> None:
+    data = make_image_folder(tmp_path / "imgs", {"a": 4, "b": 4})
+    (tmp_path / "runs").mkdir()  # the user's runs/ folder, with an earlier run in it, stays
+    (tmp_path / "runs" / "earlier").mkdir()
+    proc = finetune("--data", str(data), *BASE_ARGS, *args, cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and message in err and "Traceback" not in err, err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["earlier"]
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,167 @@
+"""finetune.auto: the range test on cached features, the fitted head, the budget and the plan."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from finetune import auto
+from finetune.backbones import _resize_for
+from finetune.config import TrainConfig
+from finetune.loop import Runtime
+from finetune.optim import schedule_factor
+
+CLASSES = 3
+
+
+class Toy(nn.Module):
+    """A fixed random "backbone" (8 features) and a new head ``fc`` (Dropout + Linear), like a real Backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU())
+        self.fc = nn.Sequential(OrderedDict(drop=nn.Dropout(0.2), linear=nn.Linear(8, CLASSES)))
+        nn.init.normal_(self.fc.linear.weight, std=0.01)
+        nn.init.zeros_(self.fc.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(self.body(x))
+        return out
+
+
+def separable(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 2, 2) whose class sets one channel high: easy once the head is fitted."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % CLASSES
+    images = torch.randn(count, 3, 2, 2, generator=generator) * 0.3
+    images[torch.arange(count), labels] += 2.0
+    return images, labels
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images[i : i + size], labels[i : i + size]) for i in range(0, len(images), size)]
+
+
+def fit_settings() -> auto.HeadFit:
+    return auto.HeadFit(nn.CrossEntropyLoss(), "adamw", 0.0, 0.9, 8, seed=0)
+
+
+def inputs(model: Toy, *, per_class: float, train: int = 60) -> auto.Inputs:
+    return auto.Inputs(
+        model, ("fc.",), batches(*separable(train, 1)), batches(*separable(30, 2)), Runtime(torch.device("cpu")),
+        fit_settings(), steps_per_epoch=max(1, train // 8), images_per_class=per_class,
+    )  # fmt: skip
+
+
+def test_epochs_for_is_a_step_budget_within_bounds() -> None:
+    assert auto.epochs_for(1000) == auto.MIN_EPOCHS  # big data: the floor
+    assert auto.epochs_for(15) == 17  # 500 images at batch 32: 255 steps
+    assert auto.epochs_for(1) == auto.MAX_EPOCHS  # tiny data: the cap
+
+
+def test_head_inputs_are_what_the_head_receives() -> None:
+    model = Toy()
+    images, labels = separable(20, 0)
+    features, targets = auto.head_inputs(model, model.fc, batches(images, labels), Runtime(torch.device("cpu")),
+                                         total=3, desc="t")  # fmt: skip
+    assert features.shape == (20, 8) and torch.equal(targets, labels)
+    assert torch.allclose(features, model.body(images))
+
+
+def test_range_test_leaves_the_head_alone_and_suggests_a_tenth_of_the_minimum() -> None:
+    model = Toy()
+    before = {k: v.clone() for k, v in model.fc.state_dict().items()}
+    features = auto.head_inputs(model, model.fc, batches(*separable(60, 1)), Runtime(torch.device("cpu")),
+                                total=8, desc="t")  # fmt: skip
+    result = auto.head_range_test(model.fc, *features, fit_settings())
+    assert all(torch.equal(before[k], v) for k, v in model.fc.state_dict().items())
+    lowest = result.lrs[min(range(len(result.smoothed)), key=result.smoothed.__getitem__)]
+    assert result.suggestion == pytest.approx(lowest / 10)
+    assert auto.LR_RANGE[0] <= result.suggestion <= auto.LR_RANGE[1]
+    assert min(result.losses) < result.losses[0] / 2  # the loss fell: the curve is real
+    assert auto.clamp_lr(1e-9) == auto.LR_BOUNDS[0] and auto.clamp_lr(5.0) == auto.LR_BOUNDS[1]
+
+
+def test_fit_head_learns_and_keeps_its_best_epoch() -> None:
+    model = Toy()
+    runtime = Runtime(torch.device("cpu"))
+    train = auto.head_inputs(model, model.fc, batches(*separable(60, 1)), runtime, total=8, desc="t")
+    val = auto.head_inputs(model, model.fc, batches(*separable(30, 2)), runtime, total=4, desc="v")
+    chance = nn.functional.cross_entropy(model.fc.eval()(val[0]), val[1]).item()
+    best = auto.fit_head(model.fc, train, val, fit_settings(), lr=1e-2, epochs=20)
+    assert best["accuracy"] > 0.9 and best["loss"] < chance / 2
+    assert 1 <= best["epoch"] <= 20
+    again = nn.functional.cross_entropy(model.fc.eval()(val[0]), val[1]).item()
+    assert again == pytest.approx(best["loss"], rel=1e-5)  # the head holds the best epoch's weights
+
+
+def test_resolve_on_small_data_fits_the_head_then_probes(tmp_path: Path) -> None:
+    model = Toy()
+    plan, logits = auto.resolve(TrainConfig(data=tmp_path), inputs(model, per_class=10))
+    assert plan.probe and plan.freeze_epochs == plan.epochs  # below PROBE_ONLY_BELOW: a linear probe
+    assert auto.LR_BOUNDS[0] <= plan.lr <= auto.LR_BOUNDS[1] and plan.lr_curve is not None
+    assert plan.probe_val is not None and plan.probe_val["accuracy"] > 0.9
+    assert logits is not None and logits[0].shape == (30, CLASSES)
+    assert set(plan.reason) == {"lr", "epochs", "freeze_epochs", "backbone_lr_scale"}
+    assert "linear probe" in plan.reason["freeze_epochs"]
+    plan.save(tmp_path)
+    assert auto.Plan.load(tmp_path) == plan
+
+
+def test_resolve_on_larger_data_fine_tunes_with_a_capped_backbone_lr(tmp_path: Path) -> None:
+    plan, _ = auto.resolve(TrainConfig(data=tmp_path, lr=1e-2), inputs(Toy(), per_class=100))
+    assert plan.freeze_epochs == 0 and plan.lr == 1e-2
+    assert plan.backbone_lr_scale == pytest.approx(auto.BACKBONE_LR_CAP["adamw"] / 1e-2)
+    assert plan.reason["lr"] == "0.01, given" and plan.lr_curve is None
+    small_lr, _ = auto.resolve(TrainConfig(data=tmp_path, lr=1e-4), inputs(Toy(), per_class=100))
+    assert small_lr.backbone_lr_scale == 1.0
+
+
+def test_explicit_settings_win_and_skip_the_probe(tmp_path: Path) -> None:
+    model = Toy()
+    head = {k: v.clone() for k, v in model.fc.state_dict().items()}
+    config = TrainConfig(data=tmp_path, lr=3e-3, epochs=4, freeze_epochs=1, backbone_lr_scale=0.5)
+    plan, logits = auto.resolve(config, inputs(model, per_class=10))
+    assert (plan.lr, plan.epochs, plan.freeze_epochs, plan.backbone_lr_scale) == (3e-3, 4, 1, 0.5)
+    assert not plan.probe and logits is None
+    assert all(torch.equal(head[k], v) for k, v in model.fc.state_dict().items())
+    assert all(text.endswith("given") for text in plan.reason.values())
+
+
+def test_explicit_freeze_with_auto_lr_still_runs_the_range_test(tmp_path: Path) -> None:
+    plan, _ = auto.resolve(TrainConfig(data=tmp_path, freeze_epochs=0), inputs(Toy(), per_class=10))
+    assert plan.lr_curve is not None and not plan.probe
+    assert plan.backbone_lr_scale == auto.DEFAULT_BACKBONE_LR_SCALE
+
+
+def test_auto_settings_round_trip_through_yaml(tmp_path: Path) -> None:
+    config = TrainConfig(data=tmp_path)
+    assert config.auto_fields == ("lr", "epochs", "freeze_epochs", "backbone_lr_scale")
+    assert config.to_dict()["lr"] == "auto"
+    config.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml") == config
+    assert TrainConfig.from_dict({"data": str(tmp_path), "epochs": "auto"}).epochs is None
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(data=tmp_path, epochs=0)
+
+
+def test_the_lr_warms_up_again_when_the_backbone_unfreezes() -> None:
+    def factor(step: int) -> float:
+        return schedule_factor(step, steps_per_epoch=10, epochs=6, freeze_epochs=2, warmup_epochs=1)
+
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(19) < 0.05  # the head phase decays to its floor...
+    assert factor(20) == pytest.approx(0.1)  # ...and the whole network warms up from ~0
+    linear_probe = [schedule_factor(s, steps_per_epoch=10, epochs=4, freeze_epochs=4, warmup_epochs=1) for s in (0, 9)]
+    assert linear_probe == pytest.approx([0.1, 1.0])
+
+
+def test_small_inputs_are_resized_without_a_centre_crop() -> None:
+    assert _resize_for(64, crop=224, resize=256) == 64  # far below the pretraining size: nothing cut off
+    assert _resize_for(112, crop=224, resize=256) == 112
+    assert _resize_for(160, crop=224, resize=256) == 183  # near it: the pretraining ratio
