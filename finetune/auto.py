@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from finetune.loop import Runtime, progress
-from finetune.lr_find import LRFindResult, exponential_lrs, smooth
+from finetune.lr_find import LRFindResult, exponential_lrs, figure, smooth
 from finetune.optim import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,22 @@ class Plan:
 
     def save(self, run_dir: Path) -> None:
         (run_dir / CHOICES_FILE).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+
+    def write(self, run_dir: Path, tb: Any) -> None:
+        """``auto_choices.json``, the range test's curve as ``lr_find.png``, both to TensorBoard (``tb``)."""
+        self.save(run_dir)
+        tb.text("auto/choices", "\n\n".join(self.summary()), 0)
+        if self.lr_curve is not None:
+            curve = self.lr_curve
+            chart = figure(LRFindResult(curve["lrs"], curve["losses"], curve["smoothed"], self.lr, False))
+            chart.savefig(run_dir / "lr_find.png", dpi=100)
+            tb.figure("auto/lr_range_test", chart, 0)
+
+    def apply(self, config: Any) -> Any:
+        """``config`` (a TrainConfig) with every setting this plan resolved."""
+        return config.replace(
+            lr=self.lr, epochs=self.epochs, freeze_epochs=self.freeze_epochs, backbone_lr_scale=self.backbone_lr_scale
+        )
 
     @classmethod
     def load(cls, run_dir: Path) -> Plan:

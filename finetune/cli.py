@@ -143,6 +143,12 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         "if fine-tuning never beats it on validation (default auto)",
     )
     group.add_argument("--clip-grad", type=float, help="gradient norm clip, 0 disables (default 1.0)")
+    group.add_argument(
+        "--ema",
+        type=_bool,
+        help="keep an exponential moving average of the weights and validate, test and publish it (default false)",
+    )
+    group.add_argument("--ema-decay", type=float, help="EMA decay, warmed up as (1+n)/(10+n) (default 0.998)")
     group.add_argument("--early-stop-metric", choices=cfg_mod.EARLY_STOP_METRICS, help="validation metric to select on")
     group.add_argument("--patience", type=int, help="epochs without improvement before stopping (default 5)")
 

@@ -59,6 +59,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     clip_grad: float = 1.0
+    ema: bool = False  # validate, test and publish an exponential moving average of the weights
+    ema_decay: float = 0.998
     early_stop_metric: str = "accuracy"
     patience: int = 5
     workers: int = 2
@@ -95,6 +97,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0 and backbone_lr_scale >= 0")
         if self.int8 and "onnx" not in self.export_formats:
             raise ValueError("int8 is calibrated from the ONNX export: keep onnx in export_formats")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in (0, 1)")
         if self.calibration_images < 1 or self.max_accuracy_drop < 0:
             raise ValueError("calibration_images must be at least 1 and max_accuracy_drop >= 0")
 

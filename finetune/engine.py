@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,14 +21,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune import auto, backbones, data, metrics, release, transforms
+from finetune import auto, backbones, data, metrics, release, tblog, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.distributed import init_from_env
-from finetune.loop import EpochStats, StepContext, cross_entropy, predict, resolve_runtime, train_one_epoch
-from finetune.lr_find import LRFindResult, figure
+from finetune.loop import (
+    EpochStats,
+    StepContext,
+    WeightEMA,
+    cross_entropy,
+    maybe_compile,
+    predict,
+    resolve_runtime,
+    train_one_epoch,
+)
 from finetune.optim import build_optimizer, build_scheduler, schedule_factor
-from finetune.publish import check_writable
+from finetune.runfolder import RunFolder
 from finetune.tblog import TensorBoardLog
 from service.manifest import Preprocess
 from service.preprocess import draft_size
@@ -80,24 +87,22 @@ class Trainer:
         self.run_dir = config.resume if config.resume is not None else config.output_dir / run_name
         self.resuming = config.resume is not None and (self.run_dir / RUN_INFO).is_file()
         self.runtime = resolve_runtime(self.config.replace(device=self.dist.device(config.device)))
-        self._log_handler: logging.Handler | None = None
-        self._made_parent = False
+        self.folder = RunFolder(self.run_dir)
 
     def run(self) -> RunResult:
-        created = False
         try:
             if self.dist.is_main:
-                created = self._open_run_dir()
+                self.folder.open(self.config)
             self.dist.barrier()
             return self._run()
         except BaseException:
-            if created and not (self.run_dir / "checkpoints" / LAST).is_file():
-                self._discard_run_dir()  # a run that never trained leaves nothing behind (typos, bad data)
+            if self.folder.created and not (self.run_dir / "checkpoints" / LAST).is_file():
+                if hasattr(self, "tb"):
+                    self.tb.close()
+                self.folder.discard()  # a run that never trained leaves nothing behind (typos, bad data)
             raise
         finally:
-            if self._log_handler is not None:
-                logging.getLogger().removeHandler(self._log_handler)
-                self._log_handler.close()
+            self.folder.close()
             self.dist.close()
 
     def _run(self) -> RunResult:
@@ -116,38 +121,6 @@ class Trainer:
         package = release.export_and_publish(self._finished(), self.model, test_metrics)
         return RunResult(self.run_dir, package, test_metrics)
 
-    def _discard_run_dir(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger().removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
-        if hasattr(self, "tb"):
-            self.tb.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self._made_parent and not any(self.run_dir.parent.iterdir()):
-            self.run_dir.parent.rmdir()
-        logger.info("removed %s: the run stopped before its first checkpoint", self.run_dir)
-
-    def _open_run_dir(self) -> bool:
-        """Make (or reopen) the run folder; True when this call created it."""
-        resuming = self.config.resume is not None
-        if resuming and not (self.run_dir / "config.yaml").is_file():
-            raise ValueError(f"--resume {self.run_dir}: not a run folder (no config.yaml)")
-        if not resuming and self.run_dir.exists():
-            raise ValueError(f"run folder {self.run_dir} already exists; pick another --run-name or --resume it")
-        check_writable(self.config.model_store)  # fail now, not after hours of training
-        created = not self.run_dir.exists()
-        self._made_parent = not self.run_dir.parent.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        self._log_handler = handler
-        if not resuming:
-            self.config.save(self.run_dir / "config.yaml")
-        logger.info("run folder %s (%s)", self.run_dir, "resuming" if resuming else "new")
-        return created
-
     # ---- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.config
@@ -157,7 +130,7 @@ class Trainer:
         self.model = self.backbone.model.to(self.runtime.device)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_model: nn.Module = self._maybe_compile(self.model)
+        self.train_model: nn.Module = maybe_compile(self.model, enabled=self.config.compile)
         self.criterion = self._make_criterion()
         self.steps_per_epoch = len(self._train_loader(0))
         resumed = (self.run_dir / "checkpoints" / LAST).is_file()
@@ -167,6 +140,7 @@ class Trainer:
         cfg = self.config
         self.optimizer = build_optimizer(self.backbone, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema else None
         if probe is not None:  # the fitted head is "epoch 0": the best so far, and the first checkpoint
             self.state = TrainState()
             self._record_probe(*probe)
@@ -194,26 +168,13 @@ class Trainer:
                 len(self.splits.train) / len(self.labels),
             )  # fmt: skip
             self.plan, probe = auto.resolve(cfg, inputs)
-            self.plan.save(self.run_dir)
-            self._log_plan(self.plan)
+            self.plan.write(self.run_dir, self.tb)
         self.dist.barrier()
         if not self.dist.is_main or last.is_file():
             self.plan = auto.Plan.load(self.run_dir)
-        plan = self.plan
-        self.config = cfg.replace(
-            lr=plan.lr, epochs=plan.epochs, freeze_epochs=plan.freeze_epochs, backbone_lr_scale=plan.backbone_lr_scale
-        )
+        self.config = self.plan.apply(cfg)
         self.epochs, self.freeze_epochs = self.plan.epochs, self.plan.freeze_epochs
         return probe
-
-    def _log_plan(self, plan: auto.Plan) -> None:
-        self.tb.text("auto/choices", "\n\n".join(plan.summary()), 0)
-        if plan.lr_curve is not None:
-            curve = plan.lr_curve
-            result = LRFindResult(curve["lrs"], curve["losses"], curve["smoothed"], plan.lr, False)
-            chart = figure(result)
-            chart.savefig(self.run_dir / "lr_find.png", dpi=100)
-            self.tb.figure("auto/lr_range_test", chart, 0)
 
     def _record_probe(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         val = self._val_metrics(logits.float().cpu().numpy(), targets.cpu().numpy())
@@ -223,12 +184,6 @@ class Trainer:
         self._save(BEST)
         self._save(LAST)
 
-    def _maybe_compile(self, model: nn.Module) -> nn.Module:
-        if not self.config.compile:
-            return model
-        compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]
-        return compiled
-
     def _load_or_make_splits(self) -> data.DataSplits:
         """Rank 0 splits and saves; every other rank reads the saved split (one source of truth)."""
         cfg = self.config
@@ -236,12 +191,9 @@ class Trainer:
             self.dist.barrier()
             return data.load_splits(self.run_dir)
         splits = data.prepare_data(
-            cfg.data,
-            val_split=cfg.val_split,
-            test_split=cfg.test_split,
-            seed=cfg.seed,
+            cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed,
             min_images_per_class=cfg.min_images_per_class,
-        )
+        )  # fmt: skip
         data.save_splits(splits, self.run_dir)
         self.dist.barrier()
         return splits
@@ -290,6 +242,8 @@ class Trainer:
         self.scheduler.load_state_dict(tensors["scheduler"])
         if self.runtime.scaler is not None and "scaler" in tensors:
             self.runtime.scaler.load_state_dict(tensors["scaler"])
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
         logger.info("resumed after epoch %d (best %s at epoch %d)", state.epoch, state.best_metric, state.best_epoch)
         return state
 
@@ -345,8 +299,9 @@ class Trainer:
             return
         mixer = transforms.batch_mixer(cfg.mix, num_classes=len(self.labels), alpha=cfg.mix_alpha)
         ctx = StepContext(
-            self.train_model, self.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer
-        )
+            self.train_model, self.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer,
+            self.ema,
+        )  # fmt: skip
         val_loader = self._eval_loader(self.splits.val)
         if self.state.epoch == 0:
             self._log_inputs(val_loader)
@@ -354,7 +309,7 @@ class Trainer:
         for epoch in range(self.state.epoch, self.epochs):
             frozen = self._set_phase(epoch)
             if self.dist.enabled and frozen != wrapped_frozen:  # DDP syncs what requires grad when wrapped
-                ctx.model, wrapped_frozen = self._maybe_compile(self.dist.wrap(self.model)), frozen
+                ctx.model, wrapped_frozen = maybe_compile(self.dist.wrap(self.model), enabled=cfg.compile), frozen
             torch.manual_seed(cfg.seed * 1000 + epoch)
             desc = f"epoch {epoch + 1}/{self.epochs}"
             stats = train_one_epoch(ctx, self._train_loader(epoch), total=self.steps_per_epoch, desc=desc)
@@ -371,7 +326,8 @@ class Trainer:
         self.tb.graph(self.model, self.runtime.to_device(example[:1]))
 
     def _validate(self, loader: DataLoader[Any]) -> dict[str, Any]:
-        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="validate")
+        model = self.ema.module if self.ema is not None else self.model
+        logits, targets = predict(model, loader, self.runtime, total=len(loader), desc="validate")
         return self._val_metrics(logits, targets)
 
     def _val_metrics(self, logits: Any, targets: Any) -> dict[str, Any]:
@@ -391,7 +347,7 @@ class Trainer:
         # a tie on a small validation split goes to the lower validation loss
         improved = state.best_metric is None or score > state.best_metric
         improved = improved or (score == state.best_metric and loss < (state.best_loss or float("inf")))
-        row = self._history_row(epoch, stats, val)
+        row = tblog.history_row(epoch, stats, val, lr=float(self.optimizer.param_groups[0]["lr"]))
         state.history.append(row)
         state.epoch, state.global_step = epoch + 1, state.global_step + self.steps_per_epoch
         if improved:
@@ -400,7 +356,7 @@ class Trainer:
         else:
             state.bad_epochs += 1
         self._save(LAST)
-        self._log_epoch(epoch, row, val)
+        tblog.log_epoch(self.tb, self.model, self.labels, row, val, epochs=self.epochs)
         stop = epoch + 1 < self.epochs and self._may_stop(epoch) and state.bad_epochs >= self.config.patience
         if stop:
             logger.info(
@@ -417,40 +373,6 @@ class Trainer:
         )  # fmt: skip
         return epoch + 1 >= self.freeze_epochs and factor <= 0.5
 
-    def _history_row(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> dict[str, float]:
-        return {
-            "epoch": epoch + 1,
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "val_loss": float(val["loss"]),
-            "val_accuracy": float(val["accuracy"]),
-            "val_macro_f1": float(val["macro"]["f1"]),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "images_per_second": stats.images_per_second,
-            "data_wait_fraction": stats.data_wait_fraction,
-        }
-
-    def _log_epoch(self, epoch: int, row: dict[str, float], val: dict[str, Any]) -> None:
-        step = epoch + 1
-        self.tb.scalars(
-            {
-                "loss/train": row["train_loss"], "loss/val": row["val_loss"],
-                "accuracy/train": row["train_accuracy"], "accuracy/val": row["val_accuracy"],
-                "f1/val_macro": row["val_macro_f1"], "lr": row["lr"],
-                "speed/images_per_second": row["images_per_second"],
-                "speed/data_wait_fraction": row["data_wait_fraction"],
-            },
-            step,
-        )  # fmt: skip
-        self.tb.histograms(self.model, step)
-        self.tb.figure("val/confusion_matrix", metrics.confusion_figure(val["confusion_matrix"], self.labels), step)
-        logger.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f F1 %.4f  lr %.2e  %.1f img/s  "
-            "data wait %.0f%%",
-            step, self.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
-            row["val_macro_f1"], row["lr"], row["images_per_second"], 100 * row["data_wait_fraction"],
-        )  # fmt: skip
-
     def _save(self, which: str) -> None:
         if not self.dist.is_main:
             return
@@ -461,13 +383,16 @@ class Trainer:
         }
         if self.runtime.scaler is not None:
             tensors["scaler"] = self.runtime.scaler.state_dict()
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
         save_checkpoint(self.run_dir / "checkpoints" / which, state=self.state, tensors=tensors)
 
     # ---- evaluation, export, publish -----------------------------------------------------------
     def _evaluate_test(self) -> dict[str, Any]:
         best = self.run_dir / "checkpoints" / BEST
         _, tensors = load_checkpoint(best)
-        self.model.load_state_dict(tensors["model"])
+        # with --ema the average is what was validated, so it is what is tested and published
+        self.model.load_state_dict(tensors["ema"]["module"] if "ema" in tensors else tensors["model"])
         loader = self._eval_loader(self.splits.test)
         logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="test", tta=self.config.tta)
         result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))

@@ -80,3 +80,45 @@ class TensorBoardLog:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+
+
+def history_row(epoch: int, stats: Any, val: dict[str, Any], *, lr: float) -> dict[str, float]:
+    """One epoch of ``history.json``: training stats (an ``EpochStats``), validation metrics, the head's LR."""
+    return {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "val_loss": float(val["loss"]),
+        "val_accuracy": float(val["accuracy"]),
+        "val_macro_f1": float(val["macro"]["f1"]),
+        "lr": lr,
+        "images_per_second": stats.images_per_second,
+        "data_wait_fraction": stats.data_wait_fraction,
+    }
+
+
+def log_epoch(
+    tb: TensorBoardLog, model: nn.Module, labels: Any, row: dict[str, float], val: dict[str, Any], *, epochs: int
+) -> None:
+    """An epoch's scalars, histograms and confusion matrix to TensorBoard, and its line to the log."""
+    from finetune.metrics import confusion_figure
+
+    step = int(row["epoch"])
+    tb.scalars(
+        {
+            "loss/train": row["train_loss"], "loss/val": row["val_loss"],
+            "accuracy/train": row["train_accuracy"], "accuracy/val": row["val_accuracy"],
+            "f1/val_macro": row["val_macro_f1"], "lr": row["lr"],
+            "speed/images_per_second": row["images_per_second"],
+            "speed/data_wait_fraction": row["data_wait_fraction"],
+        },
+        step,
+    )  # fmt: skip
+    tb.histograms(model, step)
+    tb.figure("val/confusion_matrix", confusion_figure(val["confusion_matrix"], labels), step)
+    logger.info(
+        "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f F1 %.4f  lr %.2e  %.1f img/s  "
+        "data wait %.0f%%",
+        step, epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
+        row["val_macro_f1"], row["lr"], row["images_per_second"], 100 * row["data_wait_fraction"],
+    )  # fmt: skip

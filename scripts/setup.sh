@@ -13,4 +13,4 @@ fi
 rm -f "$log"
 .venv/bin/python -m service.protos  # gRPC modules from proto/ into service/_proto (generated, not committed)
 .venv/bin/python -c "import finetune, service, torch, torchvision"
-echo "set up: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')" >&2
+echo "set up in $SECONDS s: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')" >&2

@@ -100,7 +100,8 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "imgs", {"a": 12, "b": 12, "c": 12})
-    common = ["--data", str(data), "--epochs", "4", "--model-store", "store", "--patience", "10", *BASE_ARGS]
+    common = ["--data", str(data), "--epochs", "4", "--model-store", "store", "--patience", "10", "--ema", "true",
+              *BASE_ARGS]  # fmt: skip
     run_ok(*common, "--run-name", "straight", "--output-dir", "runs", cwd=tmp_path)
 
     proc = finetune(*common, "--run-name", "killed", "--output-dir", "runs", cwd=tmp_path)

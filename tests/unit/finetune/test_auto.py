@@ -165,3 +165,22 @@ def test_small_inputs_are_resized_without_a_centre_crop() -> None:
     assert _resize_for(64, crop=224, resize=256) == 64  # far below the pretraining size: nothing cut off
     assert _resize_for(112, crop=224, resize=256) == 112
     assert _resize_for(160, crop=224, resize=256) == 183  # near it: the pretraining ratio
+
+
+def test_weight_ema_warms_up_and_follows_the_weights() -> None:
+    from finetune.loop import WeightEMA
+
+    model = nn.Linear(2, 1)
+    nn.init.zeros_(model.weight)
+    ema = WeightEMA(model, decay=0.998)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update()  # first update: decay (1+1)/(10+1) = 0.18, so the average moves most of the way
+    assert ema.module.weight.mean().item() == pytest.approx(1 - 2 / 11)
+    for _ in range(2000):
+        ema.update()
+    assert ema.module.weight.mean().item() == pytest.approx(1.0, abs=1e-3)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    restored = WeightEMA(model, decay=0.998)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 2001 and torch.equal(restored.module.weight, ema.module.weight)

@@ -59,3 +59,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_every_flag_has_help() -> None:
     for action in get_args_parser()._actions:
         assert action.help, action.dest
+
+
+def test_learning_settings_default_to_auto_and_numbers_win(tmp_path: Path) -> None:
+    config = _resolve(["--data", str(tmp_path)])
+    assert (config.lr, config.epochs, config.freeze_epochs, config.backbone_lr_scale) == (None, None, None, None)
+    config = _resolve(["--data", str(tmp_path), "--lr", "3e-3", "--epochs", "7", "--freeze-epochs", "auto"])
+    assert (config.lr, config.epochs, config.freeze_epochs) == (3e-3, 7, None)
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--data", ".", "--lr", "fast"])
