@@ -5,18 +5,21 @@ an explicit value always wins. What was chosen, and why, goes to ``auto_choices.
 folder, to the log, TensorBoard and ``report.md``; a resumed run reads it back instead of choosing
 again.
 
-- ``lr auto``: the learning-rate range test (``finetune.lr_find``'s curve, smoothing and
-  suggestion) run on the new head over the backbone's features of the training images, computed
-  once: a few hundred steps that cost milliseconds instead of a few hundred training steps.
-- ``freeze_epochs auto``: the head is fitted first on those cached features (a linear probe,
-  the best of its epochs by validation loss), then the whole network is fine-tuned with the
-  backbone at ``lr x backbone_lr_scale``. The probe is scored on the validation images as "epoch
-  0"; if fine-tuning never beats it, the probe is what gets published (fine-tuning is kept only
-  when it measurably helps).
-- ``epochs auto``: a budget in optimizer steps: enough epochs for ``MIN_STEPS`` updates, within
+- ``lr``: the learning-rate range test (``finetune.lr_find``'s exponential sweep and smoothing) on
+  a copy of the new head over the backbone's features of the training images, computed once: 200
+  steps that cost milliseconds instead of 200 training steps. The LR at the lowest loss / 10.
+- ``freeze_epochs``: the head is fitted first on those cached features (the best of
+  ``PROBE_EPOCHS`` passes by validation loss) and scored as "epoch 0". Below ``PROBE_ONLY_BELOW``
+  training images per class only the head trains afterwards (a linear probe on augmented images);
+  otherwise the whole network does, and the fitted head stays the best checkpoint unless
+  fine-tuning beats it on validation.
+- ``backbone_lr_scale``: after a fitted head the whole network trains at one LR (the range test's,
+  at most ``BACKBONE_LR_CAP``); with an untrained head the backbone at a tenth of the head's.
+- ``epochs``: a budget in optimizer steps: enough epochs for ``MIN_STEPS`` updates, within
   ``[MIN_EPOCHS, MAX_EPOCHS]``.
 
-    plan = resolve(config, steps_per_epoch=15, ...)   # see finetune.engine.Trainer._resolve_plan
+    plan, probe_logits = resolve(config, Inputs(model, head_prefixes, train_loader, val_loader, ...))
+    config = plan.apply(config)          # every auto setting resolved (finetune.engine.Trainer)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.backbones import init_head
 from finetune.loop import Runtime, progress
 from finetune.lr_find import LRFindResult, exponential_lrs, figure, smooth
 from finetune.optim import warmup_cosine
@@ -46,15 +50,15 @@ MAX_EPOCHS = 18  # about 2x the time of a plain 10-epoch run at most, the range 
 LR_RANGE = (1e-5, 10.0)  # the range test's span, and the steps it takes
 RANGE_STEPS = 200
 LR_BOUNDS = (1e-4, 3e-2)  # a suggestion outside this is clamped into it, and the log says so
-# After a fitted head the backbone trains at the head's LR up to this cap (AdamW; SGD x10): data unlike
-# the pretraining set needs the backbone to move (a tenth of the head's LR underfits it), and a head-sized
-# LR of 1e-2 wrecks pretrained features in a few steps.
+# After a fitted head the whole network trains at one LR, at most this (AdamW; SGD x10): data unlike the
+# pretraining set needs the backbone to move (a tenth of the head's LR underfits it), and a head-sized LR
+# of 1e-2 blows up the fitted head and wrecks pretrained features in a few steps.
 BACKBONE_LR_CAP = {"adamw": 1e-3, "sgd": 1e-2}
 DEFAULT_BACKBONE_LR_SCALE = 0.1  # when the head starts untrained (no probe), as before
-PROBE_EPOCHS = 60
+PROBE_EPOCHS = 60  # passes of the head fit over cached features (cheap); the best by validation loss is kept
 # With fewer training images per class than this, fine-tuning the backbone overfits more than it adapts:
-# the head alone trains (on augmented images, from the fitted head), a linear probe
-PROBE_ONLY_BELOW = 25  # feature epochs of the head fit (cheap); the best by validation loss is kept
+# the head alone trains afterwards (on augmented images, from the fitted head), a linear probe
+PROBE_ONLY_BELOW = 25
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,34 @@ def head_inputs(
     finally:
         hook.remove()
     return torch.cat(captured), torch.cat(targets)
+
+
+@torch.no_grad()
+def train_mode_loss(model: nn.Module, loader: Iterable[Any], runtime: Runtime, *, batches: int = 4) -> float:
+    """Mean cross-entropy over the first ``batches`` of ``loader`` with BatchNorm on batch statistics, as
+    fine-tuning will see it (running statistics left as they are, dropout off)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(layer.momentum, None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone())
+             for layer in layers]  # fmt: skip
+    model.eval()
+    for layer in layers:
+        layer.train()
+        layer.momentum = 0.0  # normalize with the batch's statistics, update nothing
+    losses: list[float] = []
+    try:
+        for index, (images, labels) in enumerate(loader):
+            if index == batches:
+                break
+            with runtime.autocast():
+                logits = model(runtime.to_device(images))
+            losses.append(float(nn.functional.cross_entropy(logits.float(), labels.to(logits.device))))
+    finally:
+        for layer, (momentum, tracked) in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+            if tracked is not None and layer.num_batches_tracked is not None:
+                layer.num_batches_tracked.copy_(tracked)
+        model.eval()
+    return float(np.mean(losses)) if losses else math.inf
 
 
 def _optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, weight_decay: float, momentum: float) -> Any:
@@ -268,9 +300,19 @@ class Inputs:
     images_per_class: float  # training images / classes
 
 
-def resolve(config: Any, inputs: Inputs) -> tuple[Plan, tuple[torch.Tensor, torch.Tensor] | None]:
+@dataclass(frozen=True)
+class Probe:
+    """The fitted head as "epoch 0": its validation logits and targets, and its weights (the model's head
+    may have been re-initialised for fine-tuning since)."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    head_state: dict[str, torch.Tensor]
+
+
+def resolve(config: Any, inputs: Inputs) -> tuple[Plan, Probe | None]:
     """Resolve every ``auto`` setting of ``config`` (a TrainConfig); fits the model's head in place when
-    ``freeze_epochs`` is auto. Returns the plan and, after a probe, the head's validation logits and targets."""
+    ``freeze_epochs`` is auto. Returns the plan and, after a head fit, the fitted head (``Probe``)."""
     reason: dict[str, str] = {}
     head = head_module(inputs.model, inputs.head_prefixes)
     probe = config.freeze_epochs is None and head is not None
@@ -287,23 +329,26 @@ def resolve(config: Any, inputs: Inputs) -> tuple[Plan, tuple[torch.Tensor, torc
         )
     else:
         reason["epochs"] = f"{epochs}, given"
-    freeze, probe_val, val_logits = config.freeze_epochs, None, None
+    freeze, probe_val, probe_out, fresh_head = config.freeze_epochs, None, None, False
     if probe and features is not None and head is not None:
         val = head_inputs(inputs.model, head, inputs.val, inputs.runtime, total=len(inputs.val), desc="val")
         probe_val = fit_head(head, features, val, inputs.fit, lr=lr)
         with torch.no_grad():
-            val_logits = (head.eval()(val[0]), val[1])
+            probe_out = Probe(head.eval()(val[0]), val[1], copy.deepcopy(head.state_dict()))
         freeze = _probe_schedule(epochs, probe_val, inputs.images_per_class, reason)
+        if freeze < epochs:
+            fresh_head = not _head_survives(inputs, classes=int(probe_out.logits.shape[1]), reason=reason)
     elif freeze is None:
         freeze = 0
         reason["freeze_epochs"] = "0: this backbone has no single head to fit first; the whole network trains"
     else:
         reason["freeze_epochs"] = f"{freeze}, given" + (" (a linear probe)" if freeze >= epochs else "")
-    scale = _resolve_scale(config, lr, fitted=probe_val is not None, frozen=freeze >= epochs, reason=reason)
+    fitted = probe_val is not None and not fresh_head
+    lr, scale = _fine_tune_lr(config, lr, fitted=fitted, frozen=freeze >= epochs, reason=reason)
     plan = Plan(lr, epochs, freeze, scale, probe_val is not None, reason, curve, probe_val)
     for line in plan.summary():
         logger.info("auto %s", line)
-    return plan, val_logits
+    return plan, probe_out
 
 
 def _resolve_lr(
@@ -344,22 +389,45 @@ def _probe_schedule(epochs: int, probe_val: dict[str, float], images_per_class: 
     return 0
 
 
-def _resolve_scale(config: Any, lr: float, *, fitted: bool, frozen: bool, reason: dict[str, str]) -> float:
+def _head_survives(inputs: Inputs, *, classes: int, reason: dict[str, str]) -> bool:
+    """Does the fitted head still work once BatchNorm runs on batch statistics? If not (small inputs,
+    whose last maps are 1x1 or 2x2, make batch statistics far from the running ones), it is
+    re-initialised for fine-tuning: a fitted head that sees other features starts from worse than chance
+    and its large gradients wreck the backbone. It stays the "epoch 0" candidate either way."""
+    loss, chance = train_mode_loss(inputs.model, inputs.train, inputs.runtime), math.log(max(2, classes))
+    if loss < chance:
+        return True
+    init_head(inputs.model, inputs.head_prefixes)
+    reason["freeze_epochs"] += (
+        f"; fine-tuning starts from a new head: with BatchNorm on batch statistics the fitted head's loss is "
+        f"{loss:.2f}, above chance ({chance:.2f})"
+    )
+    return False
+
+
+def _fine_tune_lr(config: Any, lr: float, *, fitted: bool, frozen: bool, reason: dict[str, str]) -> tuple[float, float]:
+    """The head's LR and the backbone's scale of it. After a fitted head the whole network trains at one LR,
+    the range test's capped at ``BACKBONE_LR_CAP``: the head needs no large LR any more (a head-sized LR
+    blows up the fitted head and wrecks pretrained features in a few steps)."""
     scale: float | None = config.backbone_lr_scale
     if scale is not None:
         reason["backbone_lr_scale"] = f"{scale:g}, given"
-        return scale
+        return lr, scale
     if fitted and frozen:
         reason["backbone_lr_scale"] = "unused: the backbone stays frozen"
-        return DEFAULT_BACKBONE_LR_SCALE
+        return lr, DEFAULT_BACKBONE_LR_SCALE
+    cap = BACKBONE_LR_CAP[config.optimizer]
     if fitted:
-        cap = BACKBONE_LR_CAP[config.optimizer]
+        if config.lr is None and lr > cap:
+            reason["lr"] += f"; {cap:g} for the whole network once the head is fitted (at most {cap:g})"
+            lr = cap
+        reason["backbone_lr_scale"] = "1: after the fitted head the whole network trains at one LR"
+        return lr, 1.0
+    if config.freeze_epochs is None:  # a new head for fine-tuning: the head at lr, the backbone at most the cap
         scale = min(1.0, cap / lr)
-        reason["backbone_lr_scale"] = (
-            f"{scale:.3g}: after the fitted head the backbone trains at the head's LR, at most {cap:g}"
-        )
-        return scale
+        reason["backbone_lr_scale"] = f"{scale:.3g}: the new head at the range test's LR, the backbone at most {cap:g}"
+        return lr, scale
     reason["backbone_lr_scale"] = (
         f"{DEFAULT_BACKBONE_LR_SCALE:g}: the head starts untrained, the backbone at a tenth of its LR"
     )
-    return DEFAULT_BACKBONE_LR_SCALE
+    return lr, DEFAULT_BACKBONE_LR_SCALE

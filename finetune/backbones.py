@@ -49,6 +49,7 @@ __all__ = [
     "WeightsUnavailable",
     "create_backbone",
     "eval_preprocess",
+    "init_head",
     "is_head_parameter",
     "list_backbones",
     "parameter_groups",
@@ -106,7 +107,7 @@ def create_backbone(
     else:
         preprocess = _torchvision_preprocess(_torchvision_weights(name, spec), img_size)
         model, description, prefixes = _create_torchvision(name, spec, num_classes, head_dropout, preprocess.crop)
-    _init_head(model, prefixes)
+    init_head(model, prefixes)
     return Backbone(model=model, name=name, weights=description, preprocess=preprocess, head_prefixes=prefixes)
 
 
@@ -258,7 +259,7 @@ def _replace_head(model: nn.Module, slot: str, num_classes: int, head_dropout: f
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _init_head(model: nn.Module, head_prefixes: tuple[str, ...]) -> None:
+def init_head(model: nn.Module, head_prefixes: tuple[str, ...]) -> None:
     """Small initial logits for every new head (std 0.01, zero bias), whatever the family's default.
 
     Some families initialise classifiers for training from scratch (timm's EfficientNets draw from

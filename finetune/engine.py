@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -140,10 +141,11 @@ class Trainer:
         cfg = self.config
         self.optimizer = build_optimizer(self.backbone, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
-        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.ema: WeightEMA | None = None
         if probe is not None:  # the fitted head is "epoch 0": the best so far, and the first checkpoint
             self.state = TrainState()
-            self._record_probe(*probe)
+            self._record_probe(probe)
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema else None  # restored with the rest on resume
         self.dist.barrier()
         self.state = self._restore()
         if resumed:  # events after the checkpoint's epoch are dropped
@@ -153,9 +155,9 @@ class Trainer:
         enabled = self.config.tensorboard and self.dist.is_main
         return TensorBoardLog(self.run_dir / "tensorboard", enabled=enabled, purge_step=purge_step)
 
-    def _resolve_plan(self) -> tuple[Any, Any] | None:
-        """Resolve the ``auto`` settings (rank 0; the others read its choice). Returns the probe's validation
-        logits and targets when the head was fitted here, else None."""
+    def _resolve_plan(self) -> auto.Probe | None:
+        """Resolve the ``auto`` settings (rank 0; the others read its choice). Returns the fitted head when
+        it was fitted here, else None."""
         cfg, last = self.config, self.run_dir / "checkpoints" / LAST
         probe = None
         if self.dist.is_main and not last.is_file():
@@ -176,13 +178,18 @@ class Trainer:
         self.epochs, self.freeze_epochs = self.plan.epochs, self.plan.freeze_epochs
         return probe
 
-    def _record_probe(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        val = self._val_metrics(logits.float().cpu().numpy(), targets.cpu().numpy())
+    def _record_probe(self, probe: auto.Probe) -> None:
+        val = self._val_metrics(probe.logits.float().cpu().numpy(), probe.targets.cpu().numpy())
         self.state.best_metric, self.state.best_loss, self.state.best_epoch = self._score(val), float(val["loss"]), 0
         self.state.probe = {"val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
         self.state.probe["val_macro_f1"] = float(val["macro"]["f1"])
-        self._save(BEST)
-        self._save(LAST)
+        self._save(LAST)  # what training continues from (its head may be a new one)
+        head = auto.head_module(self.model, self.backbone.head_prefixes)
+        assert head is not None
+        current = {k: v.clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(probe.head_state)
+        self._save(BEST)  # the fitted head
+        head.load_state_dict(current)
 
     def _load_or_make_splits(self) -> data.DataSplits:
         """Rank 0 splits and saves; every other rank reads the saved split (one source of truth)."""
@@ -357,7 +364,7 @@ class Trainer:
             state.bad_epochs += 1
         self._save(LAST)
         tblog.log_epoch(self.tb, self.model, self.labels, row, val, epochs=self.epochs)
-        stop = epoch + 1 < self.epochs and self._may_stop(epoch) and state.bad_epochs >= self.config.patience
+        stop = epoch + 1 < self.epochs and self._may_stop(epoch)
         if stop:
             logger.info(
                 "early stopping: no %s improvement for %d epochs", self.config.early_stop_metric, state.bad_epochs
@@ -365,13 +372,18 @@ class Trainer:
         return stop
 
     def _may_stop(self, epoch: int) -> bool:
-        """Early stopping waits for the unfrozen phase and for the LR to decay below half its peak: a
-        plateau at a high LR is not a finished run."""
-        factor = schedule_factor(
-            (epoch + 1) * self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
-            freeze_epochs=self.freeze_epochs, warmup_epochs=self.config.warmup_epochs,
-        )  # fmt: skip
-        return epoch + 1 >= self.freeze_epochs and factor <= 0.5
+        """Early stopping counts ``patience`` epochs without improvement only once the backbone trains and
+        the LR has decayed below half its peak: a plateau at a high LR is not a finished run."""
+
+        def factor(done: int) -> float:
+            return schedule_factor(
+                done * self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
+                freeze_epochs=self.freeze_epochs, warmup_epochs=self.config.warmup_epochs,
+            )  # fmt: skip
+
+        warm = self.freeze_epochs + math.ceil(self.config.warmup_epochs)  # past the (last) warmup
+        start = next((done for done in range(warm + 1, self.epochs + 1) if factor(done) <= 0.5), self.epochs)
+        return epoch + 1 - max(start, self.state.best_epoch) >= self.config.patience
 
     def _save(self, which: str) -> None:
         if not self.dist.is_main:

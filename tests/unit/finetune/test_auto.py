@@ -113,13 +113,13 @@ def test_resolve_on_small_data_fits_the_head_then_probes(tmp_path: Path) -> None
     assert auto.Plan.load(tmp_path) == plan
 
 
-def test_resolve_on_larger_data_fine_tunes_with_a_capped_backbone_lr(tmp_path: Path) -> None:
-    plan, _ = auto.resolve(TrainConfig(data=tmp_path, lr=1e-2), inputs(Toy(), per_class=100))
-    assert plan.freeze_epochs == 0 and plan.lr == 1e-2
-    assert plan.backbone_lr_scale == pytest.approx(auto.BACKBONE_LR_CAP["adamw"] / 1e-2)
-    assert plan.reason["lr"] == "0.01, given" and plan.lr_curve is None
-    small_lr, _ = auto.resolve(TrainConfig(data=tmp_path, lr=1e-4), inputs(Toy(), per_class=100))
-    assert small_lr.backbone_lr_scale == 1.0
+def test_resolve_on_larger_data_fine_tunes_the_whole_network_at_one_capped_lr(tmp_path: Path) -> None:
+    plan, _ = auto.resolve(TrainConfig(data=tmp_path), inputs(Toy(), per_class=100))
+    assert plan.freeze_epochs == 0 and plan.backbone_lr_scale == 1.0
+    assert plan.lr <= auto.BACKBONE_LR_CAP["adamw"]
+    given, _ = auto.resolve(TrainConfig(data=tmp_path, lr=1e-2), inputs(Toy(), per_class=100))
+    assert (given.lr, given.backbone_lr_scale) == (1e-2, 1.0)  # a given LR is not capped
+    assert given.reason["lr"] == "0.01, given" and given.lr_curve is None
 
 
 def test_explicit_settings_win_and_skip_the_probe(tmp_path: Path) -> None:
