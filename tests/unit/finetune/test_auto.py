@@ -102,11 +102,11 @@ def test_fit_head_learns_and_keeps_its_best_epoch() -> None:
 
 def test_resolve_on_small_data_fits_the_head_then_probes(tmp_path: Path) -> None:
     model = Toy()
-    plan, logits = auto.resolve(TrainConfig(data=tmp_path), inputs(model, per_class=10))
+    plan, probe = auto.resolve(TrainConfig(data=tmp_path), inputs(model, per_class=10))
     assert plan.probe and plan.freeze_epochs == plan.epochs  # below PROBE_ONLY_BELOW: a linear probe
     assert auto.LR_BOUNDS[0] <= plan.lr <= auto.LR_BOUNDS[1] and plan.lr_curve is not None
     assert plan.probe_val is not None and plan.probe_val["accuracy"] > 0.9
-    assert logits is not None and logits[0].shape == (30, CLASSES)
+    assert probe is not None and probe.logits.shape == (30, CLASSES) and "linear.weight" in probe.head_state
     assert set(plan.reason) == {"lr", "epochs", "freeze_epochs", "backbone_lr_scale"}
     assert "linear probe" in plan.reason["freeze_epochs"]
     plan.save(tmp_path)
@@ -126,9 +126,9 @@ def test_explicit_settings_win_and_skip_the_probe(tmp_path: Path) -> None:
     model = Toy()
     head = {k: v.clone() for k, v in model.fc.state_dict().items()}
     config = TrainConfig(data=tmp_path, lr=3e-3, epochs=4, freeze_epochs=1, backbone_lr_scale=0.5)
-    plan, logits = auto.resolve(config, inputs(model, per_class=10))
+    plan, probe = auto.resolve(config, inputs(model, per_class=10))
     assert (plan.lr, plan.epochs, plan.freeze_epochs, plan.backbone_lr_scale) == (3e-3, 4, 1, 0.5)
-    assert not plan.probe and logits is None
+    assert not plan.probe and probe is None
     assert all(torch.equal(head[k], v) for k, v in model.fc.state_dict().items())
     assert all(text.endswith("given") for text in plan.reason.values())
 
@@ -184,3 +184,33 @@ def test_weight_ema_warms_up_and_follows_the_weights() -> None:
     restored = WeightEMA(model, decay=0.998)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 2001 and torch.equal(restored.module.weight, ema.module.weight)
+
+
+def test_train_mode_loss_uses_batch_statistics_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, CLASSES))
+    norm = model[2]
+    assert isinstance(norm, nn.BatchNorm1d)
+    with torch.no_grad():
+        norm.running_mean.fill_(50.0)  # running statistics far from the data's: eval mode is off, train mode is not
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = separable(32, 0)
+    loss = auto.train_mode_loss(model, batches(images, labels), Runtime(torch.device("cpu")))
+    batch_stats = nn.functional.cross_entropy(model.train()(images[:8]), labels[:8]).item()
+    model.load_state_dict(before)
+    eval_loss = nn.functional.cross_entropy(model.eval()(images), labels).item()
+    assert loss == pytest.approx(batch_stats, rel=0.5) and loss < eval_loss / 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_fitted_head_that_breaks_under_batch_statistics_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auto, "train_mode_loss", lambda *_a, **_k: 9.0)  # far above chance, ln 3
+    model = Toy()
+    plan, probe = auto.resolve(TrainConfig(data=tmp_path), inputs(model, per_class=100))
+    assert probe is not None and plan.freeze_epochs == 0
+    assert "new head" in plan.reason["freeze_epochs"] and "9.00" in plan.reason["freeze_epochs"]
+    fitted = probe.head_state["linear.weight"]
+    assert model.fc.linear.weight.abs().max() < fitted.abs().max()  # the model's head was re-initialised
+    assert plan.backbone_lr_scale == pytest.approx(min(1.0, auto.BACKBONE_LR_CAP["adamw"] / plan.lr))
