@@ -251,6 +251,8 @@ class Trainer:
             self.runtime.scaler.load_state_dict(tensors["scaler"])
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
+        elif self.ema is not None:  # a checkpoint from before the first epoch (the fitted head): start it here
+            self.ema = WeightEMA(self.model, self.config.ema_decay)
         logger.info("resumed after epoch %d (best %s at epoch %d)", state.epoch, state.best_metric, state.best_epoch)
         return state
 

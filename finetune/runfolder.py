@@ -29,9 +29,9 @@ class RunFolder:
             raise ValueError(f"--resume {self.path}: not a run folder (no config.yaml)")
         if not resuming and self.path.exists():
             raise ValueError(f"run folder {self.path} already exists; pick another --run-name or --resume it")
-        check_writable(config.model_store)  # fail now, not after hours of training
         self.created, self._made_parent = not self.path.exists(), not self.path.parent.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        check_writable(config.model_store)  # fail now, not after hours of training
         self._handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self._handler)
