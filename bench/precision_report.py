@@ -55,7 +55,7 @@ def _header(results: dict[str, Any]) -> str:
         f" ({fmt(results.get('seconds'), 0)} s).",
         f"Machine: {host.get('cpu', '?')}, {machine.get('logical_cpus', '?')} logical CPUs, "
         f"{machine.get('memory_gib', '?')} GiB; flags: {flags}. Load average at start "
-        f"{_loads(machine.get('load_average'))}, at end {_loads(machine.get('load_average_end'))}.",
+        f"{load_averages(machine.get('load_average'))}, at end {load_averages(machine.get('load_average_end'))}.",
         f"Versions: {versions}.",
         f"Package: {package.get('summary', '?')}",
         f"Method: {options.get('rounds', '?')} round(s); in each, every server, raw engine and ceiling gets one "
@@ -69,7 +69,8 @@ def _header(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _loads(values: list[float] | None) -> str:
+def load_averages(values: list[float] | None) -> str:
+    """A machine's 1/5/15-minute load averages as ``a/b/c`` (``?`` when not recorded)."""
     return "/".join(f"{v:.2f}" for v in values) if values else "?"
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.precision_report import FLAGS
+from bench.precision_report import FLAGS, load_averages
 from bench.report import fmt, table
 
 HEADING = "## Quality of the defaults (python -m bench.quality)"
@@ -104,8 +104,8 @@ def _header(results: dict[str, Any]) -> str:
         f" ({fmt(results.get('seconds'), 0)} s).",
         f"Machine: {host.get('cpu', '?')}, {machine.get('logical_cpus', '?')} logical CPUs "
         f"({machine.get('usable_cpus', '?')} usable), {machine.get('memory_gib', '?')} GiB, GPU "
-        f"{machine.get('gpu') or 'none'}; flags: {flags}. Load average at start {_loads(machine.get('load_average'))},"
-        f" at end {_loads(machine.get('load_average_end'))}.",
+        f"{machine.get('gpu') or 'none'}; flags: {flags}. Load average at start "
+        f"{load_averages(machine.get('load_average'))}, at end {load_averages(machine.get('load_average_end'))}.",
         f"Versions: {versions}.",
         "Method: every run is `finetune` as a user runs it (a subprocess; its wall time includes the range test, "
         "the head fit, training, evaluation, export and its checks) with `--backbone timm/tf_efficientnet_lite0 "
@@ -124,10 +124,6 @@ def _header(results: dict[str, Any]) -> str:
     if results.get("note"):
         lines.append(f"Note: {results['note']}")
     return "\n".join(lines) + "\n"
-
-
-def _loads(values: list[float] | None) -> str:
-    return "/".join(f"{v:.2f}" for v in values) if values else "?"
 
 
 def _data_sets(results: dict[str, Any]) -> str:
