@@ -40,7 +40,7 @@ from torch import nn
 from finetune.backbones import init_head
 from finetune.loop import Runtime, progress
 from finetune.lr_find import LRFindResult, exponential_lrs, figure, smooth
-from finetune.optim import warmup_cosine
+from finetune.optim import new_optimizer, warmup_cosine
 
 logger = logging.getLogger(__name__)
 CHOICES_FILE = "auto_choices.json"
@@ -162,12 +162,6 @@ def train_mode_loss(model: nn.Module, loader: Iterable[Any], runtime: Runtime, *
     return float(np.mean(losses)) if losses else math.inf
 
 
-def _optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, weight_decay: float, momentum: float) -> Any:
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 @dataclass(frozen=True)
 class HeadFit:
     """How the head is trained on cached features: the run's optimizer, loss and batch size."""
@@ -192,8 +186,8 @@ class HeadFit:
                 done += 1
 
     def make_optimizer(self, head: nn.Module, lr: float) -> Any:
-        return _optimizer(
-            head.parameters(), kind=self.optimizer, lr=lr, weight_decay=self.weight_decay, momentum=self.momentum
+        return new_optimizer(
+            head.parameters(), kind=self.optimizer, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
 

@@ -23,9 +23,16 @@ def build_optimizer(backbone: Backbone, config: TrainConfig) -> torch.optim.Opti
         backbone_lr=config.lr * config.backbone_lr_scale,
         weight_decay=config.weight_decay,
     )
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return new_optimizer(groups, kind=config.optimizer, lr=config.lr, momentum=config.momentum)
+
+
+def new_optimizer(
+    params: Any, *, kind: str, lr: float, momentum: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum; a parameter group's own ``weight_decay`` overrides the one here."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
