@@ -40,21 +40,31 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file and its class index."""
+    """One image file and its label: ``label`` is the class index of a single-label image (multiclass; binary:
+    0 negative, 1 positive); a multi-label image has ``label`` -1 and its label indices in ``labels``
+    (empty: none of the labels)."""
 
     path: Path
     label: int
+    labels: tuple[int, ...] = ()
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The label indices of the image, whatever the task."""
+        return self.labels if self.label < 0 else (self.label,)
 
 
 @dataclass(frozen=True)
 class DataSplits:
-    """The classes (index -> name), the three splits, and the files left out with the reason."""
+    """The classes (index -> name), the three splits, the files left out with the reason, and the task
+    the labels were read for (``service.tasks``; binary classes are (negative, positive))."""
 
     classes: tuple[str, ...]
     train: tuple[Sample, ...]
     val: tuple[Sample, ...]
     test: tuple[Sample, ...]
     skipped: tuple[tuple[Path, str], ...] = ()
+    task: str = "multiclass"
 
     @property
     def num_classes(self) -> int:

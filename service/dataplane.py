@@ -13,7 +13,6 @@ import asyncio
 import functools
 import hmac
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,20 +43,6 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "schedule_policy"]
 IMAGE_INPUT = "image"
 OUTPUT_NAMES = ("logits", "probabilities")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return result
-
-
-def classification_strings(values: np.ndarray, labels: Sequence[str], k: int) -> list[bytes]:
-    """Triton's classification extension: the top-k of each row as b"value:index:label", row-major."""
-    k = min(k, values.shape[1])
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    return [f"{values[r, i]:f}:{i}:{labels[i]}".encode() for r in range(values.shape[0]) for i in order[r]]
 
 
 class DataPlane:
@@ -104,6 +89,8 @@ class DataPlane:
             labels=list(manifest.labels) if manifest is not None else [],
             precision=backend.precision if backend is not None else "",
             precision_notes=chosen.choice,
+            task=manifest.task if manifest is not None else "",
+            thresholds=list(manifest.thresholds) if manifest is not None else [],
         )
 
     def _pick_for_metadata(self, name: str, entries: list[ModelEntry], version: str | None) -> ModelEntry:
@@ -197,7 +184,9 @@ class DataPlane:
     async def predict_images(
         self, name: str, version: str | None, images: list[bytes], *, protocol: str, deadline: float | None
     ) -> list[dict[str, float]]:
-        """TorchServe-style answers: for each image, the top ``default_top_k`` labels -> probability."""
+        """TorchServe-style answers, ``{label: probability}`` best first per image: the top ``default_top_k``
+        labels of a multiclass model, the labels a multi-label or binary model gives the image (its most
+        probable one where it gives none)."""
         request = InferRequest(
             model=name,
             version=version,
@@ -208,13 +197,8 @@ class DataPlane:
         )
         response = await self.infer(request)
         probs = np.asarray(response.outputs[0].data)
-        labels = self.repository.get(name, response.version).manifest.labels  # type: ignore[union-attr]
-        k = min(self.settings.default_top_k, probs.shape[1])
-        answers = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            answers.append({labels[i]: float(row[i]) for i in order})
-        return answers
+        task = self.repository.get(name, response.version).manifest.head  # type: ignore[union-attr]
+        return task.answers(probs, self.settings.default_top_k)
 
     async def explain(self, name: str, version: str | None, image: bytes) -> np.ndarray:
         """Grad-CAM heatmap (H, W) in [0, 1] of the image's predicted class, at the model's input size.
@@ -291,18 +275,19 @@ def _check_fp32(tensor: InferInput, manifest: Manifest) -> np.ndarray:
 
 
 def _make_outputs(logits: np.ndarray, manifest: Manifest, requested: list[RequestedOutput] | None) -> list[InferOutput]:
-    values = {"logits": logits.astype(np.float32, copy=False), "probabilities": softmax(logits).astype(np.float32)}
+    task = manifest.head
+    values = {"logits": logits.astype(np.float32, copy=False), "probabilities": task.probabilities(logits)}
     wanted = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
     outputs = []
     for item in wanted:
         if item.name not in values:
             raise InvalidInput(f"unknown output '{item.name}'; this model has {', '.join(OUTPUT_NAMES)}")
-        data = values[item.name]
         if item.classification > 0:
-            strings = classification_strings(data, manifest.labels, item.classification)
-            k = min(item.classification, data.shape[1])
-            outputs.append(InferOutput(item.name, "BYTES", [data.shape[0], k], strings, item.parameters))
+            strings = task.classification(logits, item.classification, of_logits=item.name == "logits")
+            columns = task.answer_columns(item.classification)
+            outputs.append(InferOutput(item.name, "BYTES", [logits.shape[0], columns], strings, item.parameters))
         else:
+            data = values[item.name].astype(np.float32, copy=False)
             outputs.append(InferOutput(item.name, "FP32", list(data.shape), data, item.parameters))
     return outputs
 
@@ -317,7 +302,7 @@ def _input_metadata(manifest: Manifest | None) -> list[TensorMetadata]:
 def _output_metadata(manifest: Manifest | None) -> list[TensorMetadata]:
     if manifest is None:
         return []
-    return [TensorMetadata(name, "FP32", [-1, manifest.num_classes]) for name in OUTPUT_NAMES]
+    return [TensorMetadata(name, "FP32", [-1, manifest.head.width]) for name in OUTPUT_NAMES]
 
 
 def public_dict(value: Any) -> Any:

@@ -17,11 +17,13 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from service.errors import PackageError
 from service.registry import FORMAT_FILES
+from service.tasks import Task, make_task
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -107,7 +109,8 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     files: dict[str, str]  # file name -> sha256
     formats: dict[str, str]  # registry format ("torchscript", "onnx", "onnx_int8") -> file name
-    task: str = "multiclass"
+    task: str = "multiclass"  # service.tasks.TASKS; absent in packages made before there were tasks
+    thresholds: tuple[float, ...] = ()  # multilabel: one per label, binary: one; tuned on validation
     parity: dict[str, str] = field(default_factory=dict)  # "images"/"logits" -> .npy file name
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -126,6 +129,12 @@ class Manifest:
             raise ValueError(f"unknown model formats {sorted(unknown)}; known: {sorted(FORMAT_FILES)}")
         if self.parity and set(self.parity) != set(PARITY_KEYS):
             raise ValueError(f"parity needs exactly {list(PARITY_KEYS)}, got {sorted(self.parity)}")
+        self.head  # noqa: B018  an unknown task, or thresholds that do not fit it, is an invalid manifest
+
+    @cached_property
+    def head(self) -> Task:
+        """The task of this model's output (``service.tasks``): how its logits become answers."""
+        return make_task(self.task, self.labels, self.thresholds)
 
     @property
     def num_classes(self) -> int:
@@ -134,6 +143,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)
+        data["thresholds"] = list(self.thresholds)
         return data
 
     def to_json(self) -> str:
@@ -153,6 +163,7 @@ class Manifest:
                 files={str(k): str(v) for k, v in data["files"].items()},
                 formats={str(k): str(v) for k, v in data["formats"].items()},
                 task=str(data.get("task", "multiclass")),
+                thresholds=tuple(float(t) for t in data.get("thresholds", ())),
                 parity={str(k): str(v) for k, v in data.get("parity", {}).items()},
                 metrics=dict(data.get("metrics", {})),
                 versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
@@ -160,8 +171,10 @@ class Manifest:
                 extra=dict(data.get("extra", {})),
                 schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PackageError(f"invalid manifest: {exc!r}") from exc
+        except KeyError as exc:
+            raise PackageError(f"invalid manifest: missing field {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise PackageError(f"invalid manifest: {exc}") from exc
 
 
 def validate_name(name: str) -> str:

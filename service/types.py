@@ -110,6 +110,8 @@ class ModelMetadata:
     labels: list[str] = field(default_factory=list)
     precision: str = ""  # fp32, bf16 or int8: what the model is computed at
     precision_notes: str = ""  # how the backend and precision were chosen: what was ruled out, the timings
+    task: str = ""  # multiclass, multilabel or binary (service.tasks)
+    thresholds: list[float] = field(default_factory=list)  # multilabel: per label; binary: the positive label's
 
 
 @dataclass(frozen=True)
