@@ -1,11 +1,15 @@
-"""Image folders: scan, check, split (stratified, seeded), save/load the splits, and class balance.
+"""Image folders and label files: scan, check, split (stratified, seeded), and class balance.
 
-Two layouts are accepted: one folder of class subfolders (split here, per class), or ``train/``
-and ``val/`` (and optionally ``test/``) subfolders that each hold the same class subfolders.
-Every image is decoded once up front with the server's decoder, so a corrupt file is reported
-by name before training instead of failing an epoch.
+Two folder layouts are accepted: one folder of class subfolders (split here, per class), or ``train/``
+and ``val/`` (and optionally ``test/``) subfolders that each hold the same class subfolders. Or a
+label file (``finetune.labels``: CSV or JSONL, optionally with a split column) names the images and
+their labels, one or many per image. Every image is decoded once up front with the server's
+decoder, so a corrupt file is reported by name before training instead of failing an epoch.
+Multi-label data is split by iterative stratification (``finetune.stratify``); the splits are
+saved and loaded by ``finetune.splits`` (re-exported here).
 
     splits = prepare_data(Path("imgs"), val_split=0.15, test_split=0.15, seed=0)
+    splits = prepare_data(Path("imgs"), labels_file=Path("imgs/labels.csv"), task="auto")
     train_set = ImageDataset(splits.train, train_transform(spec))
 """
 
@@ -17,11 +21,21 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from finetune.labels import binary_classes, check_task, read_labels, resolve_labels
+from finetune.splits import SPLIT_NAMES as SPLIT_NAMES
+from finetune.splits import SPLITS_DIR as SPLITS_DIR
+from finetune.splits import DataError as DataError
+from finetune.splits import DataSplits as DataSplits
+from finetune.splits import Sample as Sample
+from finetune.splits import load_splits as load_splits
+from finetune.splits import save_splits as save_splits
+from finetune.stratify import check_fractions, multilabel_split, split_sizes
 from service.errors import InvalidInput
 from service.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
@@ -30,45 +44,6 @@ logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BALANCE_MODES = ("auto", "weights", "sampler", "none")
 IMBALANCE_RATIO = 1.5  # "auto" balancing turns on above this max/min class-count ratio
-SPLIT_NAMES = ("train", "val", "test")
-SPLITS_DIR = "splits"
-
-
-class DataError(ValueError):
-    """A problem with the dataset that the user must fix; the message names the class, folder or file."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image file and its label: ``label`` is the class index of a single-label image (multiclass; binary:
-    0 negative, 1 positive); a multi-label image has ``label`` -1 and its label indices in ``labels``
-    (empty: none of the labels)."""
-
-    path: Path
-    label: int
-    labels: tuple[int, ...] = ()
-
-    @property
-    def indices(self) -> tuple[int, ...]:
-        """The label indices of the image, whatever the task."""
-        return self.labels if self.label < 0 else (self.label,)
-
-
-@dataclass(frozen=True)
-class DataSplits:
-    """The classes (index -> name), the three splits, the files left out with the reason, and the task
-    the labels were read for (``service.tasks``; binary classes are (negative, positive))."""
-
-    classes: tuple[str, ...]
-    train: tuple[Sample, ...]
-    val: tuple[Sample, ...]
-    test: tuple[Sample, ...]
-    skipped: tuple[tuple[Path, str], ...] = ()
-    task: str = "multiclass"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 # --------------------------------------------------------------------------- scanning and checking
@@ -154,21 +129,6 @@ def _order(sample: Sample) -> tuple[int, str]:
     return sample.label, str(sample.path)
 
 
-def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(n_val, n_test) for a class of ``n``: at least 1 each when asked for, leaving >= 1 to train."""
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
-    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
-    while n_val + n_test >= n and max(n_val, n_test) > 1:
-        if n_val >= n_test:
-            n_val -= 1
-        else:
-            n_test -= 1
-    if n_val + n_test > n:  # too few images for every split: val first, then test
-        n_val = min(n_val, n)
-        n_test = n - n_val
-    return n_val, n_test
-
-
 def stratified_split(
     samples: Sequence[Sample], *, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
@@ -178,17 +138,14 @@ def stratified_split(
     image in val and in test (when its fraction is > 0) and at least one in train when it has
     enough images (3 with both fractions > 0, 2 with one).
     """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val and test fractions must be in [0, 1) and sum below 1, got {val_fraction}, {test_fraction}"
-        )
+    check_fractions(val_fraction, test_fraction)
     train: list[Sample] = []
     val: list[Sample] = []
     test: list[Sample] = []
     for label, group in sorted(_by_label(samples).items()):
         group = sorted(group, key=_order)
         random.Random(f"{seed}:{label}").shuffle(group)  # per class: other classes do not shift it
-        n_val, n_test = _split_sizes(len(group), val_fraction, test_fraction)
+        n_val, n_test = split_sizes(len(group), val_fraction, test_fraction)
         val += group[:n_val]
         test += group[n_val : n_val + n_test]
         train += group[n_val + n_test :]
@@ -198,46 +155,124 @@ def stratified_split(
 # --------------------------------------------------------------------------- preparing a dataset
 
 
-def _require_counts(samples: Sequence[Sample], classes: Sequence[str], minimum: int, where: Path) -> None:
+@dataclass(frozen=True)
+class _Options:
+    val_split: float
+    test_split: float
+    seed: int
+    minimum: int
+    task: str
+    positive: str | None
+
+
+def _require_counts(samples: Sequence[Sample], classes: Sequence[str], minimum: int, where: object) -> None:
     counts = class_counts(samples, len(classes))
     few = [f"{name!r} has {n}" for name, n in zip(classes, counts, strict=True) if n < minimum]
     if few:
         raise DataError(
             f"{where}: too few usable images per class (need at least {minimum}): {', '.join(few)}; "
-            "add images or remove the class folder"
+            "add images or remove the class"
         )
 
 
-def _require_two_classes(classes: Sequence[str], root: Path) -> None:
-    if len(classes) < 2:
-        raise DataError(f"{root}: found only the class {', '.join(classes)}; a classifier needs at least two")
+def _require_classes(classes: Sequence[str], task: str, where: object) -> None:
+    if task == "multilabel" and not classes:
+        raise DataError(f"{where}: no labels found")
+    if task != "multilabel" and len(classes) < 2:
+        raise DataError(f"{where}: found only the class {', '.join(classes)}; a classifier needs at least two")
 
 
-def _prepare_single(root: Path, *, val_split: float, test_split: float, seed: int, minimum: int) -> DataSplits:
+def _require_usable(samples: Sequence[object], skipped: Sequence[tuple[Path, str]], where: object) -> None:
+    if not samples:
+        reasons = "; ".join(reason for _, reason in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise DataError(f"{where}: no usable images ({len(skipped)} skipped: {reasons or 'none listed'})")
+
+
+def _folder_task(
+    classes: tuple[str, ...], parts: list[list[Sample]], options: _Options, root: Path
+) -> tuple[str, tuple[str, ...], list[list[Sample]]]:
+    """Folders for a task: multiclass as scanned (``auto`` too); binary reorders the two classes to
+    (negative, positive); multilabel gives each image its one folder label."""
+    task = "multiclass" if options.task == "auto" else options.task
+    check_task(options.task, options.positive, task, root)
+    if task == "multilabel":
+        return task, classes, [[Sample(s.path, -1, (s.label,)) for s in part] for part in parts]
+    if task == "binary":
+        ordered = binary_classes(classes, options.positive, root)
+        new_index = [ordered.index(name) for name in classes]
+        return task, ordered, [[Sample(s.path, new_index[s.label]) for s in part] for part in parts]
+    return task, classes, parts
+
+
+def _split_here(
+    classes: tuple[str, ...], task: str, good: list[Sample], skipped: Sequence[tuple[Path, str]],
+    options: _Options, where: object,
+) -> DataSplits:  # fmt: skip
+    needed = 1 + (options.val_split > 0) + (options.test_split > 0)
+    _require_counts(good, classes, max(options.minimum, needed), where)
+    split = multilabel_split if task == "multilabel" else stratified_split
+    train, val, test = split(good, val_fraction=options.val_split, test_fraction=options.test_split, seed=options.seed)
+    return DataSplits(classes, tuple(train), tuple(val), tuple(test), tuple(skipped), task)
+
+
+def _keep_given(
+    classes: tuple[str, ...], task: str, parts: dict[str, list[Sample]], skipped: Sequence[tuple[Path, str]],
+    minimum: int, where: dict[str, object],
+) -> DataSplits:  # fmt: skip
+    """Splits as given; without a test split, test is val."""
+    if not parts.get("test"):
+        logger.info("no test/ folder or test rows (%s): the test split is the validation split", where["test"])
+        parts["test"] = parts["val"]
+    for name, part in parts.items():
+        _require_counts(part, classes, minimum if name == "train" else 1, where[name])
+    train, val, test = (tuple(sorted(parts[name], key=_order)) for name in SPLIT_NAMES)
+    return DataSplits(classes, train, val, test, tuple(skipped), task)
+
+
+def _prepare_single(root: Path, options: _Options) -> DataSplits:
     classes, samples = scan_folder(root)
-    _require_two_classes(classes, root)
+    _require_classes(classes, "multiclass", root)
+    task, classes, (samples,) = _folder_task(classes, [samples], options, root)
     good, skipped = check_images(samples)
-    needed = 1 + (val_split > 0) + (test_split > 0)
-    _require_counts(good, classes, max(minimum, needed), root)
-    train, val, test = stratified_split(good, val_fraction=val_split, test_fraction=test_split, seed=seed)
-    return DataSplits(classes, tuple(train), tuple(val), tuple(test), tuple(skipped))
+    return _split_here(classes, task, good, skipped, options, root)
 
 
-def _prepare_presplit(root: Path, *, minimum: int) -> DataSplits:
+def _prepare_presplit(root: Path, options: _Options) -> DataSplits:
     classes, train = scan_folder(root / "train")
-    _require_two_classes(classes, root / "train")
+    _require_classes(classes, "multiclass", root / "train")
     names = ["train", "val"] + (["test"] if (root / "test").is_dir() else [])
-    scanned = {"train": train} | {name: scan_folder(root / name, classes)[1] for name in names[1:]}
+    scanned = [train] + [scan_folder(root / name, classes)[1] for name in names[1:]]
+    task, classes, scanned = _folder_task(classes, scanned, options, root)
     checked: dict[str, list[Sample]] = {}
     skipped: list[tuple[Path, str]] = []
-    for name in names:
-        checked[name], bad = check_images(scanned[name])
+    for name, part in zip(names, scanned, strict=True):
+        checked[name], bad = check_images(part)
         skipped += bad
-        _require_counts(checked[name], classes, minimum if name == "train" else 1, root / name)
-    if "test" not in checked:
-        logger.info("%s has no test/ folder: the test split is the validation split", root)
-        checked["test"] = checked["val"]
-    return DataSplits(classes, tuple(checked["train"]), tuple(checked["val"]), tuple(checked["test"]), tuple(skipped))
+    return _keep_given(classes, task, checked, skipped, options.minimum, {name: root / name for name in SPLIT_NAMES})
+
+
+def _prepare_labelled(root: Path, source: Path, options: _Options, delimiter: str) -> DataSplits:
+    table = read_labels(source, root, delimiter=delimiter)
+    labelled = resolve_labels(table, task=options.task, positive=options.positive)
+    _require_usable(labelled.samples, labelled.skipped, source)
+    _require_classes(labelled.classes, labelled.task, source)
+    good, bad = check_images([sample for sample, _ in labelled.samples])
+    skipped = [*labelled.skipped, *bad]
+    _require_usable(good, skipped, source)
+    asked = {sample.path: split for sample, split in labelled.samples}
+    if not any(asked.values()):
+        return _split_here(labelled.classes, labelled.task, good, skipped, options, source)
+    parts = {name: [s for s in good if (asked[s.path] or "train") == name] for name in SPLIT_NAMES}
+    if not parts["val"]:
+        raise DataError(f"{source}: the split column names no val rows; mark some rows val, or drop the column")
+    where: dict[str, object] = {name: f"{source} ({name} rows)" for name in SPLIT_NAMES}
+    return _keep_given(labelled.classes, labelled.task, parts, skipped, options.minimum, where)
+
+
+def _label_path(labels_file: Path, root: Path) -> Path:
+    """The label file as given, or inside the data folder when only that one exists."""
+    path = labels_file.expanduser()
+    return root / path if not path.is_file() and not path.is_absolute() and (root / path).is_file() else path
 
 
 def prepare_data(
@@ -247,88 +282,46 @@ def prepare_data(
     test_split: float = 0.15,
     seed: int = 0,
     min_images_per_class: int = 3,
+    labels_file: Path | None = None,
+    task: str = "auto",
+    positive: str | None = None,
+    label_delimiter: str = ";",
 ) -> DataSplits:
-    """Scan, check and split an image folder (either layout); raises DataError on unusable data.
+    """Scan, check and split an image folder (either layout) or the images a label file names; raises
+    DataError on unusable data.
 
-    With ``train/`` and ``val/`` subfolders the given split is kept (``val_split``/``test_split``
-    and ``seed`` are unused) and, without ``test/``, test is val. ``min_images_per_class`` counts
-    usable images in the whole folder, or in ``train/`` for a pre-split layout.
+    With ``train/`` and ``val/`` subfolders (or a label file with a split column) the given split is
+    kept (``val_split``/``test_split`` and ``seed`` are unused) and, without a test split, test is val.
+    ``min_images_per_class`` counts usable images (multilabel: per label, the images that have it) in
+    the whole data set, or in train for a given split. ``task``: ``auto`` (``finetune.labels.infer_task``;
+    folders: multiclass), ``multiclass``, ``multilabel`` or ``binary`` (two classes, ordered
+    (negative, positive); ``positive`` names the positive one). ``label_delimiter`` separates several
+    labels in a path,label CSV cell.
     """
     root = data_dir.expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{data_dir}: no such folder")
+    options = _Options(val_split, test_split, seed, min_images_per_class, task, positive)
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
-    if has_train and has_val:
-        splits = _prepare_presplit(root, minimum=min_images_per_class)
+    if labels_file is not None:
+        splits = _prepare_labelled(root, _label_path(labels_file, root), options, label_delimiter)
+    elif has_train and has_val:
+        splits = _prepare_presplit(root, options)
     elif has_train or has_val:
         raise DataError(f"{root}: found only one of train/ and val/; give both, or one folder of class subfolders")
     else:
-        splits = _prepare_single(
-            root, val_split=val_split, test_split=test_split, seed=seed, minimum=min_images_per_class
-        )
+        splits = _prepare_single(root, options)
     logger.info(
-        "%d classes; %d train, %d val, %d test images; %d skipped",
+        "%s, %d classes; %d train, %d val, %d test images; %d skipped", splits.task,
         splits.num_classes, len(splits.train), len(splits.val), len(splits.test), len(splits.skipped),
     )  # fmt: skip
     return splits
 
 
-# --------------------------------------------------------------------------- saving and loading
-
-
-def save_splits(splits: DataSplits, out_dir: Path) -> None:
-    """Write ``out_dir/splits/``: classes.txt, {train,val,test}.txt (``path<TAB>class``), skipped.txt."""
-    folder = out_dir / SPLITS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in splits.classes), encoding="utf-8")
-    for name in SPLIT_NAMES:
-        lines = (f"{s.path}\t{splits.classes[s.label]}\n" for s in getattr(splits, name))
-        (folder / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
-    skipped = (f"{path}\t{' '.join(reason.split())}\n" for path, reason in splits.skipped)
-    (folder / "skipped.txt").write_text("".join(skipped), encoding="utf-8")
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: missing; the run folder has no saved splits") from exc
-
-
-def _load_split(path: Path, classes: tuple[str, ...]) -> tuple[Sample, ...]:
-    index = {name: i for i, name in enumerate(classes)}
-    samples: list[Sample] = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        file_name, sep, class_name = line.rpartition("\t")
-        if not sep or class_name not in index:
-            raise DataError(f"{path}:{number}: expected 'path<TAB>class' with a known class, got {line!r}")
-        samples.append(Sample(Path(file_name), index[class_name]))
-    missing = [s.path for s in samples if not s.path.is_file()]
-    if missing:
-        raise DataError(
-            f"{path}: {len(missing)} listed image(s) no longer exist (first: {missing[0]}); "
-            "the data was moved or deleted since the run started"
-        )
-    return tuple(samples)
-
-
-def load_splits(out_dir: Path) -> DataSplits:
-    """Read the splits written by :func:`save_splits` (for ``--resume``); DataError if files moved."""
-    folder = out_dir / SPLITS_DIR
-    classes = tuple(_read_lines(folder / "classes.txt"))
-    if not classes:
-        raise DataError(f"{folder / 'classes.txt'}: no classes")
-    train, val, test = (_load_split(folder / f"{name}.txt", classes) for name in SPLIT_NAMES)
-    skipped_path = folder / "skipped.txt"
-    skipped_lines = _read_lines(skipped_path) if skipped_path.exists() else []
-    skipped = tuple((Path(p), r) for p, _, r in (line.partition("\t") for line in skipped_lines))
-    return DataSplits(classes, train, val, test, skipped)
-
-
 # --------------------------------------------------------------------------- dataset and balance
 
 
-class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
+class ImageDataset(Dataset[tuple[torch.Tensor, Any]]):
     """Samples decoded with the server's decoder (RGB PIL image), then ``transform`` -> tensor.
 
     ``draft_to`` > 0 decodes a large JPEG in draft mode as the server does (``service.preprocess.draft_size``):
@@ -342,20 +335,22 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft_to: int = 0,
+        target: Callable[[Sample], Any] | None = None,
     ) -> None:
         self.samples = tuple(samples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft_to = draft_to
+        self.target = target  # the task's target encoding (finetune.tasks); None: the class index
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         sample = self.samples[index]
         data = sample.path.read_bytes()
         image = decode_image(data, max_pixels=self.max_pixels, source=str(sample.path), draft_to=self.draft_to)
-        return self.transform(image), sample.label
+        return self.transform(image), sample.label if self.target is None else self.target(sample)
 
     @property
     def targets(self) -> list[int]:
@@ -363,10 +358,11 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
 
 def class_counts(samples: Iterable[Sample], num_classes: int) -> list[int]:
-    """Images per class index."""
+    """Images per class index; for multi-label samples, the images that have each label (positives)."""
     counts = [0] * num_classes
     for sample in samples:
-        counts[sample.label] += 1
+        for index in sample.indices:
+            counts[index] += 1
     return counts
 
 
@@ -391,8 +387,9 @@ def resolve_balance(mode: str, counts: Sequence[int]) -> str:
 
 
 def make_sampler(samples: Sequence[Sample], num_classes: int, *, seed: int) -> WeightedRandomSampler:
-    """Draw ``len(samples)`` per epoch with replacement, each class equally likely; seeded."""
+    """Draw ``len(samples)`` per epoch with replacement, each class equally likely; seeded. A multi-label
+    image weighs as its rarest label (one with none of the labels: as a label of ``len(samples)``)."""
     counts = class_counts(samples, num_classes)
-    weights = [1.0 / counts[s.label] for s in samples]
+    weights = [max((1.0 / counts[i] for i in s.indices), default=1.0 / len(samples)) for s in samples]
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, len(samples), replacement=True, generator=generator)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -269,3 +270,107 @@ def test_evaluation_decodes_a_large_jpeg_as_the_server_does(tmp_path: Path) -> N
     assert np.array_equal(dataset[0][0].numpy(), served)
     whole = ImageDataset([Sample(path, 0)], eval_transform(spec))[0][0].numpy()
     assert not np.array_equal(whole, served)  # the draft really was taken
+
+
+# --------------------------------------------------------------------------- tasks: multilabel and binary
+
+
+def _multilabel_folder(root: Path) -> Path:
+    """Twelve images each of three colours; labels.csv and labels.jsonl give each some of warm, dark, round."""
+    make_image_folder(root, {"red": 12, "green": 12, "blue": 12})
+    rows: list[tuple[str, list[str]]] = []
+    for colour in ("red", "green", "blue"):
+        for i in range(12):
+            names = [n for n, on in (("warm", colour == "red"), ("dark", i % 3 == 0), ("round", i < 4)) if on]
+            rows.append((f"{colour}/{colour}_{i:03d}.png", names))
+    csv_lines = ["path,labels", *(f"{path},{';'.join(names)}" for path, names in rows)]
+    (root / "labels.csv").write_text("\n".join(csv_lines) + "\n", encoding="utf-8")
+    jsonl = (json.dumps({"path": path, "labels": names}) for path, names in rows)
+    (root / "labels.jsonl").write_text("\n".join(jsonl) + "\n", encoding="utf-8")
+    return root
+
+
+def test_multilabel_labels_file_is_stratified_per_label(tmp_path: Path) -> None:
+    root = _multilabel_folder(tmp_path / "imgs")
+
+    splits = prepare_data(root, labels_file=root / "labels.jsonl", seed=1)
+
+    assert splits.task == "multilabel" and splits.classes == ("dark", "round", "warm")
+    assert all(s.label == -1 for s in splits.train + splits.val + splits.test)
+    for part in (splits.train, splits.val, splits.test):
+        assert all(n > 0 for n in class_counts(part, 3))
+    assert len(_paths(splits.train) | _paths(splits.val) | _paths(splits.test)) == 36
+    assert splits.skipped == ()
+    assert prepare_data(root, labels_file=root / "labels.jsonl", seed=1) == splits
+
+
+def test_min_images_per_class_counts_positives_per_label(tmp_path: Path) -> None:
+    root = _multilabel_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"need at least 13\): 'dark' has 12, 'round' has 12, 'warm' has 12"):
+        prepare_data(root, labels_file=root / "labels.csv", min_images_per_class=13)
+
+
+def test_class_counts_of_multilabel_samples_are_positives() -> None:
+    samples = [Sample(Path("a"), -1, (0, 2)), Sample(Path("b"), -1, ()), Sample(Path("c"), -1, (2,))]
+    assert class_counts(samples, 3) == [1, 0, 2]
+    assert class_counts([Sample(Path("a"), 1), Sample(Path("b"), 1)], 2) == [0, 2]
+
+
+def test_save_load_round_trip_multilabel(tmp_path: Path) -> None:
+    root = _multilabel_folder(tmp_path / "imgs")
+    splits = prepare_data(root, labels_file=root / "labels.jsonl", seed=2)
+    save_splits(splits, tmp_path / "run")
+
+    loaded = load_splits(tmp_path / "run")
+
+    assert loaded == splits
+    folder = tmp_path / "run" / "splits"
+    assert (folder / "task.txt").read_text(encoding="utf-8") == "multilabel\n"
+    lines = "\n".join((folder / name).read_text(encoding="utf-8") for name in ("train.txt", "val.txt", "test.txt"))
+    assert f"{root / 'red' / 'red_000.png'}\tdark\tround\twarm\n" in lines
+    assert f"{root / 'green' / 'green_005.png'}\t\n" in lines  # none of the labels
+
+
+def test_save_load_round_trip_binary(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    splits = prepare_data(root, task="binary", positive="cat")
+    save_splits(splits, tmp_path / "run")
+
+    loaded = load_splits(tmp_path / "run")
+
+    assert loaded == splits and loaded.task == "binary" and loaded.classes == ("dog", "cat")
+    first = (tmp_path / "run" / "splits" / "train.txt").read_text(encoding="utf-8").splitlines()[0]
+    assert first.count("\t") == 1 and first.split("\t")[1] in ("cat", "dog")
+
+
+def test_old_run_folder_without_task_file_loads_as_multiclass(image_folder: Path, tmp_path: Path) -> None:
+    splits = prepare_data(image_folder)
+    save_splits(splits, tmp_path / "run")
+    (tmp_path / "run" / "splits" / "task.txt").unlink()
+
+    loaded = load_splits(tmp_path / "run")
+
+    assert loaded.task == "multiclass" and loaded == splits
+    (tmp_path / "run" / "splits" / "task.txt").write_text("regression\n", encoding="utf-8")
+    with pytest.raises(DataError, match="unknown task 'regression'"):
+        load_splits(tmp_path / "run")
+
+
+def test_load_multilabel_split_with_an_unknown_label_names_the_line(tmp_path: Path) -> None:
+    root = _multilabel_folder(tmp_path / "imgs")
+    save_splits(prepare_data(root, labels_file=root / "labels.csv"), tmp_path / "run")
+    val = tmp_path / "run" / "splits" / "val.txt"
+    val.write_text(val.read_text(encoding="utf-8") + f"{root / 'red' / 'red_000.png'}\tsquare\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"val.txt:\d+: expected 'path<TAB>label<TAB>\.\.\."):
+        load_splits(tmp_path / "run")
+
+
+def test_make_sampler_weighs_a_multi_label_image_as_its_rarest_label() -> None:
+    samples = [Sample(Path(f"{i}"), -1, (0,)) for i in range(8)] + [
+        Sample(Path("r"), -1, (0, 1)),
+        Sample(Path("n"), -1, ()),
+    ]
+    weights = make_sampler(samples, 2, seed=0).weights.tolist()
+    assert (
+        weights[-2] == pytest.approx(1.0) and weights[0] == pytest.approx(1 / 9) and weights[-1] == pytest.approx(0.1)
+    )
