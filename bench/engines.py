@@ -81,7 +81,9 @@ class RawEngines:
                 continue
             self.engines[variant.key] = engine
             if parity is not None:
-                self.drift[variant.key] = drift(parity.logits, run_batched(engine, parity.inputs))
+                self.drift[variant.key] = drift(
+                    parity.logits, run_batched(engine, parity.inputs), centred=manifest.head.shift_invariant
+                )
         self.rounds: list[dict[str, float]] = []
 
     def throughput(self, backend: str, precision: str, seconds: float) -> float | None:

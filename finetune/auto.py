@@ -41,6 +41,7 @@ from finetune.backbones import init_head
 from finetune.loop import Runtime, progress
 from finetune.lr_find import LRFindResult, exponential_lrs, figure, smooth
 from finetune.optim import new_optimizer, warmup_cosine
+from finetune.tasks import TrainingTask
 
 logger = logging.getLogger(__name__)
 CHOICES_FILE = "auto_choices.json"
@@ -135,8 +136,10 @@ def head_inputs(
 
 
 @torch.no_grad()
-def train_mode_loss(model: nn.Module, loader: Iterable[Any], runtime: Runtime, *, batches: int = 4) -> float:
-    """Mean cross-entropy over the first ``batches`` of ``loader`` with BatchNorm on batch statistics, as
+def train_mode_loss(
+    model: nn.Module, loader: Iterable[Any], runtime: Runtime, task: TrainingTask, *, batches: int = 4
+) -> float:
+    """Mean plain loss of the task over the first ``batches`` of ``loader`` with BatchNorm on batch statistics, as
     fine-tuning will see it (running statistics left as they are, dropout off)."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(layer.momentum, None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone())
@@ -152,7 +155,7 @@ def train_mode_loss(model: nn.Module, loader: Iterable[Any], runtime: Runtime, *
                 break
             with runtime.autocast():
                 logits = model(runtime.to_device(images))
-            losses.append(float(nn.functional.cross_entropy(logits.float(), labels.to(logits.device))))
+            losses.append(float(task.plain_loss(logits.float(), labels.to(logits.device))))
     finally:
         for layer, (momentum, tracked) in zip(layers, saved, strict=True):
             layer.momentum = momentum
@@ -164,8 +167,9 @@ def train_mode_loss(model: nn.Module, loader: Iterable[Any], runtime: Runtime, *
 
 @dataclass(frozen=True)
 class HeadFit:
-    """How the head is trained on cached features: the run's optimizer, loss and batch size."""
+    """How the head is trained on cached features: the run's task, optimizer, loss and batch size."""
 
+    task: TrainingTask
     criterion: nn.Module
     optimizer: str
     weight_decay: float
@@ -208,7 +212,7 @@ def head_range_test(head: nn.Module, features: torch.Tensor, targets: torch.Tens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(_score(trial, features, targets, fit.criterion)["loss"])
+        losses.append(_score(trial, features, targets, fit.task, fit.criterion)["loss"])
         trial.train()
         if not math.isfinite(losses[-1]) or losses[-1] > 4.0 * min(losses):
             break
@@ -253,7 +257,7 @@ def fit_head(
         optimizer.step()
         schedule.step()
         if step % per_epoch == 0:
-            score = _score(head, *val)
+            score = _score(head, *val, fit.task)
             if score["loss"] < best["loss"]:
                 best, best_state = score | {"epoch": step // per_epoch}, copy.deepcopy(head.state_dict())
     head.load_state_dict(best_state)
@@ -263,14 +267,17 @@ def fit_head(
 
 @torch.no_grad()
 def _score(
-    head: nn.Module, features: torch.Tensor, targets: torch.Tensor, criterion: nn.Module | None = None
+    head: nn.Module,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    task: TrainingTask,
+    criterion: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Loss (``criterion``, else plain cross-entropy) and accuracy of the head in eval mode."""
+    """Loss (``criterion``, else the task's plain loss) and accuracy of the head in eval mode."""
     head.eval()
     logits = head(features)
-    loss = (criterion or nn.functional.cross_entropy)(logits, targets)
-    accuracy = (logits.argmax(dim=1) == targets).float().mean()
-    return {"loss": float(loss), "accuracy": float(accuracy)}
+    loss = criterion(logits, targets) if criterion is not None else task.plain_loss(logits, targets)
+    return {"loss": float(loss), "accuracy": task.hits(logits, targets) / max(1, len(targets))}
 
 
 def describe_lr(result: LRFindResult, chosen: float) -> str:
@@ -331,7 +338,7 @@ def resolve(config: Any, inputs: Inputs) -> tuple[Plan, Probe | None]:
             probe_out = Probe(head.eval()(val[0]), val[1], copy.deepcopy(head.state_dict()))
         freeze = _probe_schedule(epochs, probe_val, inputs.images_per_class, reason)
         if freeze < epochs:
-            fresh_head = not _head_survives(inputs, classes=int(probe_out.logits.shape[1]), reason=reason)
+            fresh_head = not _head_survives(inputs, reason=reason)
     elif freeze is None:
         freeze = 0
         reason["freeze_epochs"] = "0: this backbone has no single head to fit first; the whole network trains"
@@ -383,12 +390,13 @@ def _probe_schedule(epochs: int, probe_val: dict[str, float], images_per_class: 
     return 0
 
 
-def _head_survives(inputs: Inputs, *, classes: int, reason: dict[str, str]) -> bool:
+def _head_survives(inputs: Inputs, *, reason: dict[str, str]) -> bool:
     """Does the fitted head still work once BatchNorm runs on batch statistics? If not (small inputs,
     whose last maps are 1x1 or 2x2, make batch statistics far from the running ones), it is
     re-initialised for fine-tuning: a fitted head that sees other features starts from worse than chance
     and its large gradients wreck the backbone. It stays the "epoch 0" candidate either way."""
-    loss, chance = train_mode_loss(inputs.model, inputs.train, inputs.runtime), math.log(max(2, classes))
+    loss = train_mode_loss(inputs.model, inputs.train, inputs.runtime, inputs.fit.task)
+    chance = inputs.fit.task.chance_loss
     if loss < chance:
         return True
     init_head(inputs.model, inputs.head_prefixes)

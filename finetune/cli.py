@@ -59,6 +59,19 @@ def _add_io_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data, model and outputs")
     group.add_argument("--data", type=Path, help="image folder: <class>/*.jpg, or train/ val/ [test/] subfolders")
     group.add_argument(
+        "--labels",
+        type=Path,
+        help="label file instead of class folders: CSV (path,label or path + one 0/1 column per label) or JSONL "
+        '({"path": ..., "labels": [...]}), paths relative to --data, optional split column',
+    )
+    group.add_argument(
+        "--task",
+        choices=cfg_mod.TASK_CHOICES,
+        help="multiclass (one label per image), multilabel, binary (one logit); auto (default): from the labels",
+    )
+    group.add_argument("--positive-label", help="binary: the positive class (default: the second in sorted order)")
+    group.add_argument("--label-delimiter", help="between the labels of one image in a CSV label column (default ;)")
+    group.add_argument(
         "--backbone", help="torchvision model name (see --list-backbones) or timm/<name> (default resnet50)"
     )
     group.add_argument(
@@ -161,6 +174,11 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", type=_bool, help="torch.compile the model (default false)")
     group.add_argument("--tensorboard", type=_bool, help="write TensorBoard event files (default true)")
     group.add_argument("--topk", type=int, help="also report top-k accuracy (default 5)")
+    group.add_argument(
+        "--error-analysis",
+        type=int,
+        help="wrong test images of highest loss drawn in report.md, 0 for none (default 16)",
+    )
     group.add_argument(
         "--tta",
         type=_bool,

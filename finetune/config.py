@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from service.registry import EXPORT_FORMATS
+from service.tasks import TASKS
 
 OPTIMIZERS = ("adamw", "sgd")
 BALANCE_MODES = ("auto", "weights", "sampler", "none")
@@ -18,6 +19,7 @@ MIX_MODES = ("none", "mixup", "cutmix", "both")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
 AUTO = "auto"
+TASK_CHOICES = ("auto", *TASKS)  # auto: multilabel or binary when the label file says so, else multiclass
 AUTO_FIELDS = ("lr", "epochs", "freeze_epochs", "backbone_lr_scale")  # None means: chosen from the data (finetune.auto)
 TORCHSERVE_MODES = ("none", *EXPORT_FORMATS, "both")  # .mar archives written after publishing
 
@@ -28,6 +30,10 @@ class TrainConfig:
     an ``AUTO_FIELDS`` setting is resolved from the data at the start of the run (``finetune.auto``)."""
 
     data: Path
+    labels: Path | None = None  # a CSV/JSONL label file (finetune.labels); None: class subfolders
+    task: str = "auto"  # multiclass, multilabel, binary, or auto: from the labels
+    positive_label: str | None = None  # binary: the positive class (default the second in sorted order)
+    label_delimiter: str = ";"  # between the labels of one image in a CSV label column
     backbone: str = "resnet50"
     weights: str = "DEFAULT"
     name: str = ""
@@ -74,10 +80,12 @@ class TrainConfig:
     max_accuracy_drop: float = 0.5  # points of accuracy a reduced precision may lose against fp32
     topk: int = 5
     tta: bool = False  # test evaluation averages the logits of each image and its mirror image
+    error_analysis: int = 16  # the wrong test images of highest loss drawn in report.md (0: none)
     tensorboard: bool = True
     resume: Path | None = None
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASK_CHOICES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("balance", self.balance, BALANCE_MODES)
         _check_choice("augment", self.augment, AUGMENT_MODES)
@@ -99,6 +107,8 @@ class TrainConfig:
             raise ValueError("int8 is calibrated from the ONNX export: keep onnx in export_formats")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in (0, 1)")
+        if self.error_analysis < 0:
+            raise ValueError("error_analysis must be >= 0 (0 draws no images)")
         if self.calibration_images < 1 or self.max_accuracy_drop < 0:
             raise ValueError("calibration_images must be at least 1 and max_accuracy_drop >= 0")
 
@@ -110,6 +120,19 @@ class TrainConfig:
     def auto_fields(self) -> tuple[str, ...]:
         """The settings left to ``finetune.auto`` (None here, ``auto`` on the command line and in YAML)."""
         return tuple(name for name in AUTO_FIELDS if getattr(self, name) is None)
+
+    def data_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``finetune.data.prepare_data`` that this config sets."""
+        return {
+            "val_split": self.val_split,
+            "test_split": self.test_split,
+            "seed": self.seed,
+            "min_images_per_class": self.min_images_per_class,
+            "labels_file": self.labels,
+            "task": self.task,
+            "positive": self.positive_label,
+            "label_delimiter": self.label_delimiter,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values (paths as strings, tuples as lists)."""
@@ -140,7 +163,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         values: dict[str, Any] = {k: None if k in AUTO_FIELDS and v == AUTO else v for k, v in data.items()}
-        for key in ("data", "output_dir", "model_store", "resume"):
+        for key in ("data", "labels", "output_dir", "model_store", "resume"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         if "export_formats" in values:

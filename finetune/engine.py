@@ -30,7 +30,6 @@ from finetune.loop import (
     EpochStats,
     StepContext,
     WeightEMA,
-    cross_entropy,
     maybe_compile,
     predict,
     resolve_runtime,
@@ -38,6 +37,7 @@ from finetune.loop import (
 )
 from finetune.optim import build_optimizer, build_scheduler, schedule_factor
 from finetune.runfolder import RunFolder
+from finetune.tasks import TrainingTask, training_task
 from finetune.tblog import TensorBoardLog
 from service.manifest import Preprocess
 from service.preprocess import draft_size
@@ -127,6 +127,11 @@ class Trainer:
         cfg = self.config
         self.splits = self._load_or_make_splits()
         self.labels = self.splits.classes
+        self.task: TrainingTask = training_task(self.splits.task, self.labels)
+        if cfg.mix != "none" and self.task.name != "multiclass":
+            raise ValueError(
+                f"--mix {cfg.mix} mixes one-label targets; it is not available for the {self.task.name} task"
+            )
         self.backbone = self._make_backbone()
         self.model = self.backbone.model.to(self.runtime.device)
         if self.runtime.channels_last:
@@ -162,7 +167,7 @@ class Trainer:
         probe = None
         if self.dist.is_main and not last.is_file():
             fit = auto.HeadFit(
-                self.criterion, cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.batch_size, cfg.seed
+                self.task, self.criterion, cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.batch_size, cfg.seed
             )  # fmt: skip
             inputs = auto.Inputs(
                 self.model, self.backbone.head_prefixes, self._eval_loader(self.splits.train),
@@ -197,10 +202,7 @@ class Trainer:
         if not self.dist.is_main or (self.run_dir / "splits").is_dir():
             self.dist.barrier()
             return data.load_splits(self.run_dir)
-        splits = data.prepare_data(
-            cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed,
-            min_images_per_class=cfg.min_images_per_class,
-        )  # fmt: skip
+        splits = data.prepare_data(cfg.data, **cfg.data_options())
         data.save_splits(splits, self.run_dir)
         self.dist.barrier()
         return splits
@@ -213,7 +215,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         backbone = backbones.create_backbone(
             cfg.backbone,
-            num_classes=len(self.labels),
+            num_classes=self.task.width,
             weights=weights,
             head_dropout=cfg.head_dropout,
             img_size=cfg.img_size,
@@ -232,12 +234,9 @@ class Trainer:
 
     def _make_criterion(self) -> nn.Module:
         cfg = self.config
-        counts = data.class_counts(self.splits.train, len(self.labels))
-        self.balance = data.resolve_balance(cfg.balance, counts)
-        weight = data.class_weights(counts).to(self.runtime.device) if self.balance == "weights" else None
-        if self.balance != "none":
-            logger.info("class balance: %s (train counts %s)", self.balance, counts)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        criterion = self.task.criterion(self.splits.train, balance=cfg.balance, label_smoothing=cfg.label_smoothing)
+        self.balance = self.task.balance
+        return criterion.to(self.runtime.device)
 
     def _restore(self) -> TrainState:
         last = self.run_dir / "checkpoints" / LAST
@@ -261,7 +260,7 @@ class Trainer:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         draft_to = 0 if train else draft_size(self.backbone.preprocess)  # evaluation decodes as the server does
-        dataset = data.ImageDataset(samples, transform, draft_to=draft_to)
+        dataset = data.ImageDataset(samples, transform, draft_to=draft_to, target=self.task.target)
         sampler: Any = None
         if train and self.dist.enabled:
             sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=cfg.seed)
@@ -309,7 +308,7 @@ class Trainer:
         mixer = transforms.batch_mixer(cfg.mix, num_classes=len(self.labels), alpha=cfg.mix_alpha)
         ctx = StepContext(
             self.train_model, self.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer,
-            self.ema,
+            self.ema, self.task.hits,
         )  # fmt: skip
         val_loader = self._eval_loader(self.splits.val)
         if self.state.epoch == 0:
@@ -340,9 +339,7 @@ class Trainer:
         return self._val_metrics(logits, targets)
 
     def _val_metrics(self, logits: Any, targets: Any) -> dict[str, Any]:
-        result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
-        result["loss"] = cross_entropy(logits, targets)
-        return result
+        return self.task.metrics(targets, logits, topk=self.config.topk)
 
     def _score(self, val: dict[str, Any]) -> float:
         metric = self.config.early_stop_metric
@@ -407,17 +404,27 @@ class Trainer:
         _, tensors = load_checkpoint(best)
         # with --ema the average is what was validated, so it is what is tested and published
         self.model.load_state_dict(tensors["ema"]["module"] if "ema" in tensors else tensors["model"])
-        loader = self._eval_loader(self.splits.test)
-        logits, targets = predict(self.model, loader, self.runtime, total=len(loader), desc="test", tta=self.config.tta)
-        result = metrics.compute_metrics(targets, logits, self.labels, topk=(1, self.config.topk))
-        result["loss"] = cross_entropy(logits, targets)
-        metrics.write_evaluation(result, self.run_dir, split="test")
-        release.write_predictions(self.run_dir, self.splits, logits)
-        self.tb.figure("test/confusion_matrix", metrics.confusion_figure(result["confusion_matrix"], self.labels), 0)
+        tuned = self.task.tune(*self._predict(self.splits.val, "validate"))
+        if tuned:
+            logger.info("decision %s", tuned)
+        logits, targets = self._predict(self.splits.test, "test")
+        result = self.task.metrics(targets, logits, topk=self.config.topk)
+        self.task.write_evaluation(result, self.run_dir, split="test")
+        release.write_predictions(self.run_dir, self.splits, self.task.head, logits)
+        self.test_outputs = (logits, targets)
+        if "confusion_matrix" in result:
+            figure = metrics.confusion_figure(result["confusion_matrix"], result["labels"])
+            self.tb.figure("test/confusion_matrix", figure, 0)
         logger.info(
             "test accuracy %.4f, macro F1 %.4f on %d images", result["accuracy"], result["macro"]["f1"], len(targets)
         )
         return result
 
+    def _predict(self, samples: tuple[data.Sample, ...], desc: str) -> tuple[Any, Any]:
+        loader = self._eval_loader(samples)
+        return predict(self.model, loader, self.runtime, total=len(loader), desc=desc, tta=self.config.tta)
+
     def _finished(self) -> release.FinishedRun:
-        return release.FinishedRun(self.config, self.run_dir, self.backbone, self.splits, self.state, self.plan)
+        return release.FinishedRun(
+            self.config, self.run_dir, self.backbone, self.splits, self.state, self.plan, self.task, self.test_outputs
+        )

@@ -151,7 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def explain_image(package: Path, image: Image.Image, label: str | None = None) -> tuple[np.ndarray, str, Image.Image]:
-    """(heatmap, predicted label, overlay on the model's crop) for one image and a published package."""
+    """(heatmap, predicted label(s), overlay on the model's crop) for one image and a published package."""
     from service.manifest import load_manifest, verify_files
     from service.preprocess import preprocess_image, resize_and_crop, to_rgb
 
@@ -164,8 +164,9 @@ def explain_image(package: Path, image: Image.Image, label: str | None = None) -
     cam_module = load_cam(package / manifest.extra[EXPLAIN_KEY])
     batch = torch.from_numpy(preprocess_image(image, manifest.preprocess))[None]
     index = None if label is None else manifest.labels.index(label)
-    heat, logits = grad_cam_with_logits(cam_module, batch, index)
-    predicted = manifest.labels[int(logits.argmax(dim=1)[0])]
+    task = manifest.head
+    heat, logits = grad_cam_with_logits(cam_module, batch, index, task)
+    predicted = ", ".join(task.answers(task.probabilities(logits.float().numpy()))[0])
     crop = resize_and_crop(to_rgb(image), manifest.preprocess)
     return heat[0], predicted, overlay(crop, heat[0])
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.jit._trace import TracerWarning
 
 from service.registry import EXPORT_FORMATS, FORMAT_FILES
+from service.tasks import Task, make_task
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ParityReport:
     num_images: int
     passed: bool
     opset: int | None = None
+    max_prob_diff: float = 0.0  # largest difference of the task's probabilities (softmax or sigmoid)
+    task: str = "multiclass"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for metrics.json and the manifest)."""
@@ -65,7 +68,9 @@ class ParityReport:
         verdict = "ok" if self.passed else "FAILED"
         return (
             f"{self.format}: {verdict}, max |logit diff| {self.max_abs_diff:.3e} (tolerance {self.tolerance:.3e}), "
-            f"top-1 agreement {self.top1_agreement:.3f} on {self.num_images} images"
+            f"max |probability diff| {self.max_prob_diff:.3e}, "
+            f"{'top-1' if self.task == 'multiclass' else 'decision'} agreement {self.top1_agreement:.3f} "
+            f"on {self.num_images} images"
         )
 
 
@@ -176,7 +181,13 @@ def run_onnx(path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def compare_logits(
-    reference: np.ndarray, candidate: np.ndarray, *, fmt: str, atol: float = 1e-3, rtol: float = 1e-3
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    *,
+    fmt: str,
+    atol: float = 1e-3,
+    rtol: float = 1e-3,
+    task: Task | None = None,
 ) -> ParityReport:
     """Compare exported logits with eager ones; tolerance = ``atol + rtol * max|reference|``.
 
@@ -192,9 +203,15 @@ def compare_logits(
     diff = np.abs(reference - candidate)
     diff[~np.isfinite(diff)] = np.inf
     max_abs_diff = float(diff.max()) if diff.size else 0.0
-    agreement = float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean()) if num_images else 1.0
+    task = task or make_task("multiclass", [str(i) for i in range(reference.shape[1])])
+    ref_probs, cand_probs = task.probabilities(reference), task.probabilities(candidate)
+    prob_diff = float(np.nan_to_num(np.abs(ref_probs - cand_probs), nan=np.inf).max()) if diff.size else 0.0
+    same = task.per_unit(task.decisions(ref_probs) == task.decisions(cand_probs))
+    agreement = float(same.mean()) if num_images else 1.0
     passed = max_abs_diff <= tolerance and agreement == 1.0
-    return ParityReport(fmt, max_abs_diff, tolerance, agreement, num_images, passed=passed)
+    return ParityReport(
+        fmt, max_abs_diff, tolerance, agreement, num_images, passed=passed, max_prob_diff=prob_diff, task=task.name
+    )
 
 
 Exporter = Callable[..., Path]
@@ -220,11 +237,13 @@ def export_and_check(
     opset: int = 18,
     atol: float = 1e-3,
     rtol: float = 1e-3,
+    task: Task | None = None,
 ) -> dict[str, ParityReport]:
     """Export ``model`` to each format in ``out_dir`` and check it against the eager model on ``images``.
 
     ``images`` is a batch of real preprocessed validation images (N,3,H,W). The model is put in
-    eval mode on CPU (and left so). Files are named by ``service.registry.FORMAT_FILES``. Raises
+    eval mode on CPU (and left so). Files are named by ``service.registry.FORMAT_FILES``; answers are
+    compared as ``task`` gives them (default: multiclass top-1). Raises
     ExportCheckError if any format fails to export, load, run, or match; returns one report per format.
     """
     unknown = [fmt for fmt in formats if fmt not in EXPORTERS]
@@ -238,7 +257,7 @@ def export_and_check(
     example = _trace_example(batch)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {
-        fmt: _export_one(model, fmt, example, batch, reference, out_dir, opset=opset, atol=atol, rtol=rtol)
+        fmt: _export_one(model, fmt, example, batch, reference, out_dir, opset=opset, atol=atol, rtol=rtol, task=task)
         for fmt in formats
     }
     failed = [report for report in reports.values() if not report.passed]
@@ -265,6 +284,7 @@ def _export_one(
     opset: int,
     atol: float,
     rtol: float,
+    task: Task | None,
 ) -> ParityReport:
     path = out_dir / FORMAT_FILES[fmt]
     export, run = EXPORTERS[fmt]
@@ -278,7 +298,7 @@ def _export_one(
             f"{fmt} export of {type(model).__name__} could not be made or run on a batch of {batch.shape[0]} "
             f"images (traced with {example.shape[0]}): {exc}\n{_HINT}"
         ) from exc
-    report = compare_logits(reference, candidate, fmt=fmt, atol=atol, rtol=rtol)
+    report = compare_logits(reference, candidate, fmt=fmt, atol=atol, rtol=rtol, task=task)
     if fmt == "onnx":
         report = replace(report, opset=onnx_opset(path))
     logger.debug("%s", report.describe())

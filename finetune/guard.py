@@ -1,25 +1,26 @@
 """The accuracy guard of a reduced precision: paired against fp32 on the same held-out images.
 
-Near-ties flip under any change of arithmetic, so plain top-1 agreement is the wrong gate. A
-reduced precision passes when (1) it agrees with fp32 on at least ``min_confident_agreement`` of
-the *confident* images (fp32 top-1 probability >= 0.8) and (2) its paired accuracy change is no
+The task (``service.tasks``) says what one answer is: an image's class (multiclass, binary) or an
+image's decision on one label (multi-label); "accuracy" below is the share of right answers.
+Near-ties flip under any change of arithmetic, so plain agreement is the wrong gate. A reduced
+precision passes when (1) it agrees with fp32 on at least ``min_confident_agreement`` of the
+*confident* answers (fp32 probability >= 0.8 either way) and (2) its paired accuracy change is no
 worse than ``max_drop`` points; a larger drop fails only when McNemar's exact test says the losses
 outnumber the gains beyond chance (one-sided, ``alpha``). A larger drop that the test cannot
 confirm is "inconclusive": the split is too small to judge, which the verdict says in words.
 
-    verdict = judge(fp32_logits, int8_logits, labels, classes=("cat", "dog"))
+    verdict = judge(fp32_logits, int8_logits, truth, task=make_task("multiclass", ("cat", "dog")))
     verdict["verdict"]   # "pass" | "fail" | "inconclusive"
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from service.parity import CONFIDENT, softmax
+from service.tasks import Task
 
 MAX_DROP_POINTS = 0.5
 MIN_CONFIDENT_AGREEMENT = 0.99
@@ -38,35 +39,38 @@ def mcnemar_one_sided(losses: int, gains: int) -> float:
 def judge(
     reference: np.ndarray,
     candidate: np.ndarray,
-    labels: Sequence[int],
+    truth: np.ndarray,
     *,
-    classes: Sequence[str],
+    task: Task,
     max_drop: float = MAX_DROP_POINTS,
     min_confident_agreement: float = MIN_CONFIDENT_AGREEMENT,
     alpha: float = ALPHA,
 ) -> dict[str, Any]:
-    """Paired comparison of ``candidate`` logits with fp32 ``reference`` logits on labelled images."""
-    truth = np.asarray(labels)
-    ref_top, cand_top = reference.argmax(axis=1), candidate.argmax(axis=1)
-    ref_right, cand_right = ref_top == truth, cand_top == truth
+    """Paired comparison of ``candidate`` logits with fp32 ``reference`` logits on labelled images;
+    ``truth`` is (N, labels) booleans: the labels each image has."""
+    ref_given = task.decisions(task.probabilities(reference))
+    cand_given = task.decisions(task.probabilities(candidate))
+    ref_right, cand_right = task.per_unit(ref_given == truth), task.per_unit(cand_given == truth)
+    agree = task.per_unit(ref_given == cand_given)
     losses, gains = int((ref_right & ~cand_right).sum()), int((~ref_right & cand_right).sum())
-    n = len(truth)
-    confident = softmax(reference).max(axis=1) >= CONFIDENT
-    confident_agreement = float((ref_top == cand_top)[confident].mean()) if confident.any() else 1.0
+    n = len(ref_right)
+    confident = task.confident(reference)
+    confident_agreement = float(agree[confident].mean()) if confident.any() else 1.0
     drop = 100.0 * (losses - gains) / n if n else 0.0
     p_value = mcnemar_one_sided(losses, gains)
     figures: dict[str, Any] = {
-        "images": n,
+        "images": len(truth),
+        "answers": n,
         "accuracy_fp32": float(ref_right.mean()) if n else 0.0,
         "accuracy": float(cand_right.mean()) if n else 0.0,
         "accuracy_change_points": -drop,
         "right_to_wrong": losses,
         "wrong_to_right": gains,
         "mcnemar_p": p_value,
-        "agreement": float((ref_top == cand_top).mean()) if n else 1.0,
+        "agreement": float(agree.mean()) if n else 1.0,
         "confident_images": int(confident.sum()),
         "confident_agreement": confident_agreement,
-        "recall_change": _recall_change(truth, ref_right, cand_right, classes),
+        "recall_change": _recall_change(truth, ref_given, cand_given, task.labels),
     }
     verdict, summary = _verdict(drop, p_value, confident_agreement, figures, max_drop, min_confident_agreement, alpha)
     return {"verdict": verdict, "summary": summary, **figures}
@@ -97,11 +101,12 @@ def _verdict(
 
 
 def _recall_change(
-    truth: np.ndarray, ref_right: np.ndarray, cand_right: np.ndarray, classes: Sequence[str]
+    truth: np.ndarray, ref_given: np.ndarray, cand_given: np.ndarray, labels: tuple[str, ...]
 ) -> dict[str, float]:
+    """Per label: the change of the share of its images that are given it."""
     changes = {}
-    for index, name in enumerate(classes):
-        mask = truth == index
+    for index, name in enumerate(labels):
+        mask = truth[:, index]
         if mask.any():
-            changes[name] = float(cand_right[mask].mean() - ref_right[mask].mean())
+            changes[name] = float(cand_given[mask, index].mean() - ref_given[mask, index].mean())
     return changes

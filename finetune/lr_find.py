@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from finetune import backbones, cli, data, transforms
 from finetune.config import TrainConfig
 from finetune.loop import Runtime, resolve_runtime
+from finetune.tasks import training_task
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +74,22 @@ def _batches(loader: DataLoader[Any]) -> Iterator[tuple[torch.Tensor, torch.Tens
 
 
 def _setup(config: TrainConfig, runtime: Runtime) -> tuple[backbones.Backbone, DataLoader[Any], nn.Module]:
-    splits = data.prepare_data(
-        config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed,
-        min_images_per_class=config.min_images_per_class,
-    )  # fmt: skip
+    splits = data.prepare_data(config.data, **config.data_options())
+    task = training_task(splits.task, splits.classes)
     torch.manual_seed(config.seed)
     backbone = backbones.create_backbone(
-        config.backbone, num_classes=len(splits.classes), weights=config.weights,
+        config.backbone, num_classes=task.width, weights=config.weights,
         head_dropout=config.head_dropout, img_size=config.img_size,
     )  # fmt: skip
     backbone.model.to(runtime.device).train()
     backbones.set_backbone_trainable(backbone, config.freeze_epochs == 0)
     preset = transforms.train_transform(backbone.preprocess, augment=config.augment)
     loader = DataLoader(
-        data.ImageDataset(splits.train, preset), batch_size=config.batch_size, shuffle=True,
+        data.ImageDataset(splits.train, preset, target=task.target), batch_size=config.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(config.seed), num_workers=config.workers,
         drop_last=len(splits.train) > config.batch_size,
     )  # fmt: skip
-    return backbone, loader, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return backbone, loader, task.criterion(splits.train, balance="none", label_smoothing=config.label_smoothing)
 
 
 def range_test(

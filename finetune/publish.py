@@ -17,6 +17,7 @@ from typing import Any
 from service.manifest import MANIFEST_FILE, Manifest, Preprocess, TensorSpec, next_version, sha256_file
 from service.manifest import validate_name as _validate_name
 from service.registry import FORMAT_FILES
+from service.tasks import make_task
 
 logger = logging.getLogger(__name__)
 INPUT_NAME = "input"
@@ -38,6 +39,8 @@ class PackageSpec:
     metrics: dict[str, Any]
     extra: dict[str, Any]
     parity: dict[str, str] = field(default_factory=dict)
+    task: str = "multiclass"  # service.tasks
+    thresholds: tuple[float, ...] = ()
 
 
 def check_writable(folder: Path) -> None:
@@ -73,6 +76,7 @@ def build_manifest(
     names = [FORMAT_FILES[fmt] for fmt in formats] + list(extra_files)
     files = {name: sha256_file(export_dir / name) for name in names}
     channels, height, width = spec.preprocess.input_shape
+    width_out = make_task(spec.task, spec.labels, spec.thresholds).width
     return Manifest(
         name=spec.name,
         version=version,
@@ -80,7 +84,7 @@ def build_manifest(
         labels=spec.labels,
         preprocess=spec.preprocess,
         inputs=(TensorSpec(INPUT_NAME, "FP32", (-1, channels, height, width)),),
-        outputs=(TensorSpec(OUTPUT_NAME, "FP32", (-1, len(spec.labels))),),
+        outputs=(TensorSpec(OUTPUT_NAME, "FP32", (-1, width_out)),),
         files=files,
         formats={fmt: FORMAT_FILES[fmt] for fmt in formats},
         metrics=spec.metrics,
@@ -88,6 +92,8 @@ def build_manifest(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         extra=spec.extra,
         parity=dict(spec.parity),
+        task=spec.task,
+        thresholds=tuple(spec.thresholds),
     )
 
 

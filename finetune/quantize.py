@@ -7,7 +7,7 @@ against the eager fp32 model on every held-out image (validation and test, none 
 calibration), on every installed backend that runs the precision; the first recipe that some
 backend may serve is kept. bf16 is a runtime choice: judged the same way where this CPU has bf16.
 
-    evidence = evaluate(export_dir, eager_runner(model), held_out, spec, classes=..., int8=Int8Options(train))
+    evidence = evaluate(export_dir, eager_runner(model), held_out, spec, task=manifest.head, int8=Int8Options(train))
     evidence.metrics        # -> manifest.metrics["precisions"]
     evidence.formats        # ("onnx_int8",) when an int8 recipe passed
 """
@@ -27,11 +27,13 @@ from torch import nn
 
 from finetune.data import Sample
 from finetune.guard import PUBLISHED, judge
+from finetune.tasks import truth_matrix
 from service import registry
 from service.backends import Backend, LoadOptions, installed, open_backend
 from service.manifest import Preprocess
 from service.precision import host_features
 from service.preprocess import crop_pixels, decode_image, draft_size, normalize_array
+from service.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +156,8 @@ def _judge_all(
 ) -> dict[str, Any]:
     backends = _backends(precision, export_dir)
     outputs = logits_of({name: b.run for name, b in backends.items()}, held_out, spec)
-    labels = [s.label for s in held_out]
-    verdicts = {name: judge(reference, logits, labels, **kw) for name, logits in outputs.items()}
+    truth = truth_matrix(held_out, len(kw["task"].labels))
+    verdicts = {name: judge(reference, logits, truth, **kw) for name, logits in outputs.items()}
     passed = [v for v in verdicts.values() if v["verdict"] in PUBLISHED]
     best = "pass" if any(v["verdict"] == "pass" for v in passed) else ("inconclusive" if passed else "fail")
     return {"verdict": best if verdicts else "not measured", "backends": verdicts}
@@ -167,7 +169,7 @@ def evaluate(
     held_out: Sequence[Sample],
     spec: Preprocess,
     *,
-    classes: Sequence[str],
+    task: Task,
     int8: Int8Options | None,
     max_accuracy_drop: float = 0.5,
     seed: int = 0,
@@ -181,7 +183,7 @@ def evaluate(
     if not held_out or not (export_dir / registry.FORMAT_FILES["onnx"]).is_file():
         return evidence
     reference = logits_of({"fp32": reference_model}, held_out, spec)["fp32"]
-    kw = {"classes": classes, "max_drop": max_accuracy_drop}
+    kw = {"task": task, "max_drop": max_accuracy_drop}
     why = host_features().unsupported("bf16")
     bf16 = (
         {"verdict": "not measured", "summary": why}

@@ -97,7 +97,7 @@ def quantize_package(
             reference,
             held_out,
             manifest.preprocess,
-            classes=splits.classes,
+            task=manifest.head,
             int8=quantize.Int8Options(splits.train, calibration_images),
             max_accuracy_drop=max_accuracy_drop,
         )

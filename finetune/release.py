@@ -20,15 +20,18 @@ import torch
 from torch import nn
 
 from finetune import backbones, data, metrics, quantize
+from finetune.analysis import analyse_errors, cam_from_file, cases_from_outputs
 from finetune.auto import Plan
 from finetune.checkpoint import TrainState
 from finetune.config import TrainConfig
-from finetune.explain import export_for_package
+from finetune.explain import CAM_FILE, export_for_package
 from finetune.export import export_and_check
 from finetune.publish import PackageSpec, publish_package
+from finetune.tasks import TrainingTask
 from finetune.torchserve import archive_for_torchserve
 from service.explain import EXPLAIN_KEY
 from service.preprocess import normalize_array
+from service.tasks import Task, make_task
 
 logger = logging.getLogger(__name__)
 PUBLISHED = "published.txt"  # in the run folder: the package's path, once published
@@ -46,6 +49,13 @@ class FinishedRun:
     splits: data.DataSplits
     state: TrainState
     plan: Plan | None = None  # what the auto settings resolved to (finetune.auto)
+    task: TrainingTask | None = None  # with its tuned thresholds; None: multiclass
+    test_outputs: tuple[np.ndarray, np.ndarray] | None = None  # test logits and targets, in splits.test order
+
+    @property
+    def head(self) -> Task:
+        """The serving-side task, with the thresholds tuned on validation."""
+        return self.task.head if self.task is not None else make_task("multiclass", self.splits.classes)
 
     @property
     def best_val(self) -> dict[str, Any]:
@@ -54,14 +64,16 @@ class FinishedRun:
         return {"epoch": 0, **self.state.probe} if self.state.probe else {}
 
 
-def write_predictions(run_dir: Path, splits: data.DataSplits, logits: np.ndarray) -> None:
-    """Per-image test predictions, so a server's answers can be compared image by image."""
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+def write_predictions(run_dir: Path, splits: data.DataSplits, task: Task, logits: np.ndarray) -> None:
+    """Per-image test predictions, so a server's answers can be compared image by image: the labels the
+    image has, and the answer a server gives (``task.answers``: the top-1 class of a multiclass model,
+    the labels at or above their thresholds of a multi-label one, at least one), ';'-separated."""
+    answers = task.answers(task.probabilities(logits), 1 if task.name == "multiclass" else None)
     lines = ["path\ttrue\tpredicted\tprobability"]
-    for sample, row in zip(splits.test, probs, strict=True):
-        top = int(row.argmax())
-        lines.append(f"{sample.path}\t{splits.classes[sample.label]}\t{splits.classes[top]}\t{row[top]:.6f}")
+    for sample, answer in zip(splits.test, answers, strict=True):
+        truth = ";".join(splits.classes[i] for i in sample.indices)
+        scores = ";".join(f"{p:.6f}" for p in answer.values())
+        lines.append(f"{sample.path}\t{truth}\t{';'.join(answer)}\t{scores}")
     (run_dir / "test_predictions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -76,9 +88,10 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
     pixels = quantize.load_pixels(run.splits.val[:PARITY_IMAGES], spec)
     images = torch.from_numpy(np.stack([normalize_array(p, spec) for p in pixels]))
     formats, opset, atol = cfg.export_formats, cfg.opset, cfg.parity_atol
-    reports = export_and_check(eager, images, export_dir, formats=formats, opset=opset, atol=atol)
+    reports = export_and_check(eager, images, export_dir, formats=formats, opset=opset, atol=atol, task=run.head)
     write_parity_set(export_dir, pixels, quantize.eager_runner(eager)(images.numpy()))
     extra_files = export_for_package(eager, run.backbone.name, images[:2], export_dir)
+    analysis = _error_analysis(run, export_dir / CAM_FILE, test_metrics)
     evidence = _precisions(run, eager, export_dir)
     parity = {fmt: report.to_dict() for fmt, report in reports.items()}
     checks = [report.describe() for report in reports.values()]
@@ -86,7 +99,7 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
         logger.info("export check %s", line)
     for line in evidence.lines():
         logger.info("precision %s", line)
-    _write_metrics(run, test_metrics, parity, checks + evidence.lines(), evidence.metrics)
+    _write_metrics(run, test_metrics, parity, checks + evidence.lines(), evidence.metrics, analysis)
     package_spec = PackageSpec(
         name=cfg.name,
         backbone=run.backbone.name,
@@ -100,6 +113,8 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
         }
         | ({EXPLAIN_KEY: extra_files[0]} if extra_files else {}),
         parity=dict(PARITY_FILES),
+        task=run.head.name,
+        thresholds=tuple(float(t) for t in run.head.thresholds),
     )
     package = publish_package(
         package_spec,
@@ -130,7 +145,7 @@ def _precisions(run: FinishedRun, eager: nn.Module, export_dir: Path) -> quantiz
         quantize.eager_runner(eager),
         held_out,
         run.backbone.preprocess,
-        classes=run.splits.classes,
+        task=run.head,
         int8=int8,
         max_accuracy_drop=cfg.max_accuracy_drop,
         seed=cfg.seed,
@@ -138,7 +153,7 @@ def _precisions(run: FinishedRun, eager: nn.Module, export_dir: Path) -> quantiz
 
 
 def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", f"top{run.config.topk}_accuracy", "loss", "num_samples")
+    keys = ("accuracy", f"top{run.config.topk}_accuracy", "loss", "num_samples", "mAP", "roc_auc", "pr_auc")
     return {
         "test": {k: test[k] for k in keys if k in test}
         | {"macro_f1": test["macro"]["f1"], "weighted_f1": test["weighted"]["f1"]},
@@ -147,8 +162,30 @@ def _summary_metrics(run: FinishedRun, test: dict[str, Any], parity: dict[str, A
     }
 
 
+def _error_analysis(run: FinishedRun, cam_path: Path, test: dict[str, Any]) -> list[str]:
+    """The top-losses contact sheets (with Grad-CAM overlays where the backbone has ``cam.pt``) and the
+    most confused pairs, as report.md lines."""
+    if run.test_outputs is None or run.task is None or run.config.error_analysis == 0:
+        return []
+    logits, targets = run.test_outputs
+    cases = cases_from_outputs(
+        [s.path for s in run.splits.test], logits=logits, truth=run.task.truth(targets),
+        losses=run.task.losses(logits, targets), task=run.head,
+    )  # fmt: skip
+    spec = run.backbone.preprocess
+    return analyse_errors(
+        run.run_dir, cases, preprocess=spec, labels=run.head.labels, confusion=test.get("confusion_matrix"),
+        cam=cam_from_file(cam_path, spec), top_n=run.config.error_analysis,
+    )  # fmt: skip
+
+
 def _write_metrics(
-    run: FinishedRun, test: dict[str, Any], parity: dict[str, Any], checks: list[str], precisions: dict[str, Any]
+    run: FinishedRun,
+    test: dict[str, Any],
+    parity: dict[str, Any],
+    checks: list[str],
+    precisions: dict[str, Any],
+    analysis: list[str],
 ) -> None:
     state, skipped = run.state, run.splits.skipped
     payload = {
@@ -163,7 +200,8 @@ def _write_metrics(
     }
     (run.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     (run.run_dir / "history.json").write_text(json.dumps(state.history, indent=2), encoding="utf-8")
-    report = [metrics.format_report(test, title=f"{run.config.name}: test set ({run.backbone.name})")]
+    title = f"{run.config.name}: test set ({run.backbone.name}, {run.head.describe()})"
+    report = [run.task.report(test, title=title) if run.task else metrics.format_report(test, title=title)]
     best = "the head fitted on cached features" if state.best_epoch == 0 else f"{state.best_epoch}"
     report.append(f"\nBest validation epoch: {best} (of {state.epoch}).\n")
     if run.plan is not None:
@@ -172,6 +210,8 @@ def _write_metrics(
         report.append("")
     report.append("## Export checks and reduced precisions\n")
     report += [f"- {line}" for line in checks]
+    if analysis:
+        report += ["", *analysis]
     if skipped:
         report.append("\n## Skipped images\n")
         report += [f"- `{path}`: {reason}" for path, reason in skipped]

@@ -115,7 +115,8 @@ def log_epoch(
         step,
     )  # fmt: skip
     tb.histograms(model, step)
-    tb.figure("val/confusion_matrix", confusion_figure(val["confusion_matrix"], labels), step)
+    if "confusion_matrix" in val:  # single-label tasks; a multi-label model has a table per label instead
+        tb.figure("val/confusion_matrix", confusion_figure(val["confusion_matrix"], labels), step)
     logger.info(
         "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f F1 %.4f  lr %.2e  %.1f img/s  "
         "data wait %.0f%%",

@@ -47,6 +47,7 @@ SHARED_MODULES = (
     "registry.py",
     "backends.py",
     "parity.py",
+    "tasks.py",
     "precision.py",
     *(f"{spec.module.rpartition('.')[2]}.py" for spec in BACKENDS.values()),
 )

@@ -12,8 +12,10 @@ onnxruntime, which TorchServe's own handlers cannot run.
 
 Each request holds one image: the raw request body (TorchServe calls it ``body``) or one
 multipart form field / gRPC ``input`` entry named ``data``. The batch TorchServe hands over runs
-as one forward pass. Each answer is ``{label: probability}`` of the top-k, best first, like
-TorchServe's image_classifier; a bad image fails only its own request (status 400 and a JSON
+as one forward pass. Each answer is ``{label: probability}``, best first, from the package's task
+(:mod:`service.tasks`): the top-k of a multiclass model, like TorchServe's image_classifier; the labels
+at or above their thresholds of a multi-label model (at most top-k, at least its most probable one);
+the decided label of a binary one. A bad image fails only its own request (status 400 and a JSON
 ``{"code", "type", "message"}`` naming the field), the rest of the batch is answered.
 
     torch-model-archiver --handler finetune/ts_handler.py ...   # done by finetune.torchserve.build_mar
@@ -117,15 +119,12 @@ class ImageClassifier:
             except ServiceError as exc:
                 answers[index] = error_answer(exc, context, index)
         if arrays:
-            probs = softmax(self.backend.run(np.stack(arrays)))
-            for index, row_probs in zip(good, probs, strict=True):
-                answers[index] = self.top_labels(row_probs)
+            task = self.manifest.head
+            for index, answer in zip(
+                good, task.answers(task.probabilities(self.backend.run(np.stack(arrays))), self.top_k), strict=True
+            ):
+                answers[index] = answer
         return answers
-
-    def top_labels(self, probs: np.ndarray) -> dict[str, float]:
-        """``{label: probability}`` of the top-k, best first (ties keep the label order)."""
-        order = np.argsort(-probs, kind="stable")[: self.top_k]
-        return {self.manifest.labels[i]: float(probs[i]) for i in order}
 
 
 def format_of_file(manifest: Manifest, model_file: str) -> str:
@@ -183,13 +182,6 @@ def error_answer(exc: ServiceError, context: Any, index: int) -> dict[str, Any]:
     """Mark request ``index`` as failed with the error's HTTP status; the body names the problem."""
     context.set_response_status(exc.http_status, exc.message, index)
     return {"code": exc.http_status, "type": type(exc).__name__, "message": exc.message}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return result
 
 
 _classifier: ImageClassifier | None = None

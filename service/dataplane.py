@@ -20,7 +20,7 @@ import numpy as np
 
 from service import metrics
 from service.errors import DeadlineExceeded, Forbidden, InvalidInput, QueueFull, ShuttingDown, Unauthorized
-from service.explain import Explainer, cam_file
+from service.explain import Explainer, cam_file, label_index
 from service.manifest import Manifest, Preprocess
 from service.preprocess import allow_pixels, preprocess_bytes
 from service.registry import PLATFORMS
@@ -200,8 +200,9 @@ class DataPlane:
         task = self.repository.get(name, response.version).manifest.head  # type: ignore[union-attr]
         return task.answers(probs, self.settings.default_top_k)
 
-    async def explain(self, name: str, version: str | None, image: bytes) -> np.ndarray:
-        """Grad-CAM heatmap (H, W) in [0, 1] of the image's predicted class, at the model's input size.
+    async def explain(self, name: str, version: str | None, image: bytes, label: str | None = None) -> np.ndarray:
+        """Grad-CAM heatmap (H, W) in [0, 1] of ``label`` (default: the image's first answer, e.g. its predicted
+        class), at the model's input size.
 
         InvalidInput when the package carries no Grad-CAM module; computed in a thread, beside the batcher.
         """
@@ -209,11 +210,12 @@ class DataPlane:
         entry = self.repository.get(name, version)
         assert entry.manifest is not None
         cam_file(entry.manifest)  # refuse before decoding
+        label_index(entry.manifest, label)
         loop = asyncio.get_running_loop()
         spec, cap = entry.manifest.preprocess, self.settings.max_image_pixels
         decode = functools.partial(_decode_one, spec=spec, max_pixels=cap, name="image")
         array = await loop.run_in_executor(self._decode_pool, decode, 0, image)
-        heatmaps = await asyncio.to_thread(self._explainer.explain, entry.path, entry.manifest, array[None])
+        heatmaps = await asyncio.to_thread(self._explainer.explain, entry.path, entry.manifest, array[None], label)
         heatmap: np.ndarray = heatmaps[0]
         return heatmap
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.manifest import Manifest
+from service.tasks import Task
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +41,14 @@ def cam_file(manifest: Manifest) -> str:
 
 
 def grad_cam_with_logits(
-    cam_module: Any, batch: torch.Tensor, class_index: int | None = None
+    cam_module: Any, batch: torch.Tensor, class_index: int | None = None, task: Task | None = None
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """(heatmaps (N, H, W) in [0, 1], logits): Grad-CAM of ``class_index`` (default: each image's top class).
+    """(heatmaps (N, H, W) in [0, 1], logits): Grad-CAM of label ``class_index`` (default: each image's first
+    answer under ``task``, its top class without one).
 
-    The class logit's gradient w.r.t. the activations, averaged over space, weights the channels;
-    their ReLU'd sum is upsampled to the input size and scaled per image to [0, 1].
+    The label's logit's gradient w.r.t. the activations, averaged over space, weights the channels;
+    their ReLU'd sum is upsampled to the input size and scaled per image to [0, 1]. A binary model's
+    one logit speaks for its positive label (index 1); its negative label's score is the negated logit.
     """
     import torch
 
@@ -53,11 +56,11 @@ def grad_cam_with_logits(
     # the optimizing executor, from the third call on, may fuse the activations out of the autograd graph
     with torch.enable_grad(), torch.jit.optimized_execution(False):  # type: ignore[attr-defined]
         logits, activations = cam_module(inputs)
-        if class_index is None:
-            chosen = logits.argmax(dim=1)
+        chosen = _chosen(logits.detach(), class_index, task)
+        if logits.shape[1] == 1:  # binary: (negative, positive) share the positive label's logit
+            score = (logits[:, 0] * (2 * chosen - 1).to(logits.dtype)).sum()
         else:
-            chosen = torch.full((len(logits),), class_index, dtype=torch.long)
-        score = logits.gather(1, chosen[:, None]).sum()
+            score = logits.gather(1, chosen[:, None]).sum()
         (grads,) = torch.autograd.grad(score, activations)
     with torch.no_grad():
         weights = grads.mean(dim=(2, 3), keepdim=True)
@@ -67,6 +70,17 @@ def grad_cam_with_logits(
         span = cam.amax(dim=(1, 2), keepdim=True) - low
         heat = torch.where(span > 0, (cam - low) / span.clamp_min(1e-12), torch.zeros_like(cam))
     return heat.numpy().astype(np.float32), logits.detach()
+
+
+def _chosen(logits: torch.Tensor, class_index: int | None, task: Task | None) -> torch.Tensor:
+    import torch
+
+    if class_index is not None:
+        return torch.full((len(logits),), class_index, dtype=torch.long)
+    if task is None:
+        return logits.argmax(dim=1)
+    ranked = task.ranked(task.probabilities(logits.float().numpy()), 1, at_least_one=True)
+    return torch.tensor([row[0] for row in ranked], dtype=torch.long)
 
 
 def load_cam(path: Path) -> Any:
@@ -92,12 +106,23 @@ class Explainer:
                 self._modules[path] = load_cam(path)
             return self._modules[path]
 
-    def explain(self, package_dir: Path, manifest: Manifest, batch: np.ndarray) -> np.ndarray:
-        """Heatmaps (N, H, W) in [0, 1] of each image's predicted class; ``batch`` is preprocessed NCHW."""
+    def explain(self, package_dir: Path, manifest: Manifest, batch: np.ndarray, label: str | None = None) -> np.ndarray:
+        """Heatmaps (N, H, W) in [0, 1] of ``label`` (default: each image's first answer: its predicted class,
+        its most probable label above threshold); ``batch`` is preprocessed NCHW."""
         import torch
 
         cam_module = self.module(package_dir, manifest)
-        return grad_cam_with_logits(cam_module, torch.from_numpy(batch))[0]
+        index = label_index(manifest, label)
+        return grad_cam_with_logits(cam_module, torch.from_numpy(batch), index, manifest.head)[0]
+
+
+def label_index(manifest: Manifest, label: str | None) -> int | None:
+    """The index of a requested label; InvalidInput naming the labels when it is not one of them."""
+    if label is None:
+        return None
+    if label not in manifest.labels:
+        raise InvalidInput(f"label {label!r} is not one of the model's labels: {', '.join(manifest.labels)}")
+    return manifest.labels.index(label)
 
 
 def heatmap_png(heatmap: np.ndarray) -> bytes:

@@ -2,8 +2,9 @@
 
 ``POST /predictions/{model}[/{version}]`` with the image as the raw body (or a multipart field)
 answers ``{"label": probability, ...}`` like TorchServe's image classifier; ``GET /ping``.
-``POST /explanations/{model}[/{version}]`` answers the Grad-CAM heatmap of the predicted class as a
-grayscale PNG, or as a JSON array of rows in [0, 1] with ``?format=json`` (or ``Accept: application/json``).
+``POST /explanations/{model}[/{version}]`` answers the Grad-CAM heatmap of the predicted class (or of
+``?label=<name>``) as a grayscale PNG, or as a JSON array of rows in [0, 1] with ``?format=json`` (or
+``Accept: application/json``).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ async def _explain(plane: DataPlane, request: Request, model: str, version: str 
     if wanted not in ("png", "json"):
         raise InvalidInput(f"format={wanted!r}: choose png (default) or json")
     image = await image_from_request(request, plane.settings.max_payload_bytes)
-    heatmap = await plane.explain(model, version, image)
+    heatmap = await plane.explain(model, version, image, request.query_params.get("label"))
     if wanted == "json":
         return JSONResponse(heatmap.round(4).tolist())
     return Response(heatmap_png(heatmap), media_type="image/png")

@@ -295,7 +295,7 @@ def _checked(
     if parity is None:
         return backend
     try:
-        failure = parity_failure(parity.logits, run_batched(backend, parity.inputs), precision)
+        failure = parity_failure(parity.logits, run_batched(backend, parity.inputs), precision, manifest.head)
     except Exception as exc:  # a backend that cannot run its own parity images cannot serve
         failure = f"it cannot run the parity set: {exc}"
     if not failure:

@@ -133,14 +133,12 @@ class Task:
     # ---- checking a precision: per "unit" (an image; for multi-label, an image and one label) -----------
     def per_unit(self, matches: np.ndarray) -> np.ndarray:
         """(N, len(labels)) booleans -> one per unit: an image counts when all its labels match."""
-        result: np.ndarray = np.asarray(matches).all(axis=1)
-        return result
+        return np.asarray(np.asarray(matches).all(axis=1))
 
     def confident(self, logits: np.ndarray) -> np.ndarray:
         """Per unit: is the model's answer confident (probability >= 0.8 either way)?"""
         scores = self.label_scores(self.probabilities(logits), logits=False)
-        result: np.ndarray = ((scores >= CONFIDENT) | (scores <= 1 - CONFIDENT)).all(axis=1)
-        return result
+        return np.asarray(((scores >= CONFIDENT) | (scores <= 1 - CONFIDENT)).all(axis=1))
 
     def confident_flips(self, reference: np.ndarray, candidate: np.ndarray) -> tuple[int, int]:
         """(confident answers that change, confident answers) between fp32 ``reference`` and ``candidate``

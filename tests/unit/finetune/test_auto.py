@@ -14,6 +14,7 @@ from finetune.backbones import _resize_for
 from finetune.config import TrainConfig
 from finetune.loop import Runtime
 from finetune.optim import schedule_factor
+from finetune.tasks import training_task
 
 CLASSES = 3
 
@@ -48,7 +49,8 @@ def batches(images: torch.Tensor, labels: torch.Tensor, size: int = 8) -> list[t
 
 
 def fit_settings() -> auto.HeadFit:
-    return auto.HeadFit(nn.CrossEntropyLoss(), "adamw", 0.0, 0.9, 8, seed=0)
+    task = training_task("multiclass", [f"c{i}" for i in range(CLASSES)])
+    return auto.HeadFit(task, nn.CrossEntropyLoss(), "adamw", 0.0, 0.9, 8, seed=0)
 
 
 def inputs(model: Toy, *, per_class: float, train: int = 60) -> auto.Inputs:
@@ -195,7 +197,8 @@ def test_train_mode_loss_uses_batch_statistics_and_changes_nothing() -> None:
         norm.running_mean.fill_(50.0)  # running statistics far from the data's: eval mode is off, train mode is not
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = separable(32, 0)
-    loss = auto.train_mode_loss(model, batches(images, labels), Runtime(torch.device("cpu")))
+    task = training_task("multiclass", [f"c{i}" for i in range(CLASSES)])
+    loss = auto.train_mode_loss(model, batches(images, labels), Runtime(torch.device("cpu")), task)
     batch_stats = nn.functional.cross_entropy(model.train()(images[:8]), labels[:8]).item()
     model.load_state_dict(before)
     eval_loss = nn.functional.cross_entropy(model.eval()(images), labels).item()

@@ -15,6 +15,7 @@ from finetune import quantize
 from finetune.data import Sample
 from finetune.export import export_and_check
 from service.manifest import Preprocess
+from service.tasks import make_task
 
 SPEC = Preprocess(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 CLASSES = ("red", "green", "blue")
@@ -78,7 +79,7 @@ def test_evaluate_publishes_int8_only_when_it_passes(tmp_path: Path, int8: bool)
     samples = _samples(tmp_path, 12)
     options = quantize.Int8Options(samples[::2], size=12) if int8 else None
     evidence = quantize.evaluate(
-        export, quantize.eager_runner(model), samples[1::2], SPEC, classes=CLASSES, int8=options
+        export, quantize.eager_runner(model), samples[1::2], SPEC, task=make_task("multiclass", CLASSES), int8=options
     )
     assert set(evidence.metrics) == ({"bf16", "int8"} if int8 else {"bf16"})
     if not int8:
@@ -108,7 +109,12 @@ def test_evaluate_gives_up_after_every_recipe(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(quantize, "quantize_int8", broken)
     evidence = quantize.evaluate(
-        export, quantize.eager_runner(model), samples, SPEC, classes=CLASSES, int8=quantize.Int8Options(samples)
+        export,
+        quantize.eager_runner(model),
+        samples,
+        SPEC,
+        task=make_task("multiclass", CLASSES),
+        int8=quantize.Int8Options(samples),
     )
     assert evidence.metrics["int8"]["verdict"] == "fail" and evidence.formats == ()
     assert [t["recipe"] for t in evidence.metrics["int8"]["tried"]] == [f"nncf-{r}" for r in quantize.RECIPES]

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service import metrics
-from service.dataplane import DataPlane, classification_strings, softmax
+from service.dataplane import DataPlane
 from service.errors import (
     DeadlineExceeded,
     Forbidden,
@@ -32,6 +32,7 @@ from service.errors import (
 from service.preprocess import preprocess_bytes
 from service.repository import ModelRepository
 from service.settings import Settings
+from service.tasks import softmax
 from service.types import InferInput, InferRequest, RequestedOutput, TensorMetadata
 
 if TYPE_CHECKING:
@@ -237,17 +238,6 @@ def test_classification_answers_score_index_label_strings(live: LivePlane, png: 
         np.testing.assert_allclose([float(score) for score, _, _ in parsed], probabilities[row, order], atol=1e-6)
         labels = [item.decode().split(":")[2] for item in top_all.data[row * 3 : row * 3 + 3]]
         assert sorted(labels) == ["a", "b", "c"]
-
-
-def test_classification_strings_helper() -> None:
-    values = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], np.float32)
-    assert classification_strings(values, ["x", "y", "z"], 2) == [
-        b"0.700000:1:y",
-        b"0.200000:2:z",
-        b"0.500000:0:x",
-        b"0.250000:1:y",  # ties keep the lower index first
-    ]
-    assert len(classification_strings(values, ["x", "y", "z"], 9)) == 6
 
 
 def test_a_corrupt_image_is_named_by_its_position(live: LivePlane, png: PngFactory) -> None:

@@ -23,12 +23,13 @@ import tritonclient.http as triton_http
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.dataplane import DataPlane, softmax
+from service.dataplane import DataPlane
 from service.http_app import create_app
 from service.http_v2 import HEADER_LENGTH
 from service.preprocess import preprocess_bytes
 from service.repository import ModelRepository
 from service.settings import Settings
+from service.tasks import softmax
 
 if TYPE_CHECKING:
     from tests.unit.service.conftest import TinyStore
@@ -300,6 +301,8 @@ def test_server_and_model_metadata(client: TestClient) -> None:
         "reason": "",
         "labels": ["a", "b", "c"],
         "precision": "fp32",
+        "task": "multiclass",
+        "thresholds": [],
     }
     missing = client.get("/v2/models/nope")
     assert (missing.status_code, missing.json()) == (404, {"error": "model 'nope' not found"})

@@ -19,6 +19,7 @@ from service.errors import PackageError
 from service.manifest import load_manifest
 from service.parity import drift, load_parity, parity_failure
 from service.precision import HostFeatures, host_features, select
+from service.tasks import make_task
 from tests.unit.service.conftest import TinyExport
 
 XEON_AMX = HostFeatures("Intel Xeon", frozenset({"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}))
@@ -50,17 +51,38 @@ def test_drift_is_relative_to_the_logits_scale_and_ignores_a_shift() -> None:
     assert drift(reference, np.full_like(reference, np.nan)) == float("inf")
 
 
+MULTICLASS = make_task("multiclass", ["c0", "c1", "c2"])
+
+
 def test_parity_failure_decisions() -> None:
     rng = np.random.default_rng(1)
     reference = np.zeros((60, 3), dtype=np.float32)
     reference[np.arange(60), np.arange(60) % 3] = 6.0  # every image confident (p ~ 0.99)
     noise = rng.normal(0, 0.05, reference.shape).astype(np.float32)
-    assert parity_failure(reference, reference + noise, "bf16") == ""
-    assert "drift" in parity_failure(reference, reference * 1.5, "int8")
-    assert "drift" in parity_failure(reference, reference + noise, "fp32")  # fp32 is held to 1e-3
+    assert parity_failure(reference, reference + noise, "bf16", MULTICLASS) == ""
+    assert "drift" in parity_failure(reference, reference * 1.5, "int8", MULTICLASS)
+    assert "drift" in parity_failure(reference, reference + noise, "fp32", MULTICLASS)  # fp32 is held to 1e-3
     flipped = reference.copy()
     flipped[0] = [5.0, 5.5, 0.5]  # one confident image changes class: a drift within the tolerance
-    assert "1 of 60 confident parity images change their top-1 class" in parity_failure(reference, flipped, "int8")
+    said = parity_failure(reference, flipped, "int8", MULTICLASS)
+    assert "1 of 60 confident parity images change their top-1 class" in said
+
+
+def test_parity_of_sigmoid_tasks_counts_a_shift_and_each_confident_label() -> None:
+    multilabel = make_task("multilabel", ["a", "b", "c"], [0.5, 0.5, 0.3])
+    reference = np.tile(np.array([[4.0, -4.0, 3.0]], dtype=np.float32), (100, 1))
+    assert parity_failure(reference, reference, "fp32", multilabel) == ""
+    assert "drift" in parity_failure(reference, reference + 3.0, "int8", multilabel)  # a sigmoid is not shift-free
+    nudged = reference.copy()
+    nudged[0, 1] = 0.5  # label b of one image flips from a confident no to yes; a small drift
+    assert "1 of 300 confident parity image labels change their answer" in parity_failure(
+        reference, nudged, "int8", multilabel
+    )
+    binary = make_task("binary", ["no", "yes"], [0.5])
+    logits = np.tile(np.array([[-3.0], [3.0]], dtype=np.float32), (200, 1))
+    flipped = logits.copy()
+    flipped[0] = 0.2  # a confident no (p=0.05) becomes a yes
+    assert "1 of 400 confident parity images change their answer" in parity_failure(logits, flipped, "int8", binary)
 
 
 # ---- select() on a real package --------------------------------------------------------------------------
