@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine, precision_report, quality_report, raw, report, serving, training
+from bench import predict as predict_bench
 from bench.clients import PROTOCOLS, SWEEP_CLIENTS
 from bench.servers import REPO, Running
 
@@ -335,9 +336,10 @@ def write(results: dict[str, Any], *, md: Path, js: Path) -> None:
 
 def _keep_sections(md: Path, text: str) -> str:
     """``text`` with the sections of the old report that other benchmarks write carried over
-    (``python -m bench.precision`` and ``python -m bench.quality``; this run measures neither)."""
+    (``python -m bench.precision``, ``python -m bench.quality``, ``python -m bench.predict``; this run measures
+    none of them)."""
     old = md.read_text(encoding="utf-8") if md.is_file() else ""
-    for heading in (precision_report.HEADING, quality_report.HEADING):
+    for heading in (precision_report.HEADING, quality_report.HEADING, predict_bench.HEADING):
         kept = precision_report.section_of(old, heading=heading)
         text = precision_report.replace_section(text, kept, heading=heading) if kept else text
     return text

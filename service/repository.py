@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,28 +48,53 @@ class ModelEntry:
         return ModelStatus(self.name, self.version, self.state, self.reason)
 
 
+def open_package(
+    path: Path,
+    *,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "auto",
+    options: LoadOptions | None = None,
+    batch_sizes: Sequence[int] = (1,),
+) -> tuple[Manifest, Choice]:
+    """Blocking: read and verify a package, choose and check its backend and precision, warm it up.
+
+    What ``serve`` does for each version it loads, and ``predict`` for its one package; PackageError
+    when the package cannot be served.
+    """
+    manifest = load_manifest(path)
+    verify_files(path, manifest)
+    choice = select(
+        path,
+        manifest,
+        backend=backend,
+        precision=precision,
+        device=device,
+        options=options,
+        batch_size=max(batch_sizes),
+    )
+    warm_up(choice.backend, manifest, batch_sizes=sorted(set(batch_sizes)))
+    return manifest, choice
+
+
 def _load_package(path: Path, settings: Settings, name: str) -> tuple[Manifest, Choice]:
-    """Blocking: read and verify the manifest, choose and check the backend and precision, warm it up."""
+    """:func:`open_package` with the server's settings for ``name``, checking the folder is ``name``'s."""
     manifest = load_manifest(path)
     if manifest.name != name or str(manifest.version) != path.name:
         raise PackageError(f"{path}: manifest says {manifest.name}/{manifest.version}")
-    verify_files(path, manifest)
     options = LoadOptions(
         intra_op_threads=settings.intra_op_threads,
         intra_op_spinning=settings.intra_op_spinning,
         instances=settings.model_instances,
     )
-    choice = select(
+    return open_package(
         path,
-        manifest,
         backend=settings.backend_for(name),
         precision=settings.precision_for(name),
         device=settings.device,
         options=options,
-        batch_size=settings.max_batch_size,
+        batch_sizes=(1, settings.max_batch_size),
     )
-    warm_up(choice.backend, manifest, batch_sizes=sorted({1, settings.max_batch_size}))
-    return manifest, choice
 
 
 class ModelRepository:
