@@ -162,7 +162,11 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         help="keep an exponential moving average of the weights and validate, test and publish it (default false)",
     )
     group.add_argument("--ema-decay", type=float, help="EMA decay, warmed up as (1+n)/(10+n) (default 0.998)")
-    group.add_argument("--early-stop-metric", choices=cfg_mod.EARLY_STOP_METRICS, help="validation metric to select on")
+    group.add_argument(
+        "--early-stop-metric",
+        choices=cfg_mod.EARLY_STOP_METRICS,
+        help="validation metric to select on; auto (default): accuracy, macro_f1 for multilabel and binary",
+    )
     group.add_argument("--patience", type=int, help="epochs without improvement before stopping (default 5)")
 
 

@@ -138,7 +138,7 @@ def _measure(
     manifest = load_manifest(package)
     stored = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     history = stored.get("history", [])
-    parameters, flops = count_compute(config, num_classes=manifest.num_classes)
+    parameters, flops = count_compute(config, num_classes=manifest.head.width)
     onnx_path = package / manifest.formats["onnx"]
     return Row(
         backbone=config.backbone,

@@ -17,7 +17,7 @@ BALANCE_MODES = ("auto", "weights", "sampler", "none")
 AUGMENT_MODES = ("none", "light", "strong")
 MIX_MODES = ("none", "mixup", "cutmix", "both")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-EARLY_STOP_METRICS = ("accuracy", "macro_f1", "loss")
+EARLY_STOP_METRICS = ("auto", "accuracy", "macro_f1", "loss")  # auto: the task's (finetune.tasks)
 AUTO = "auto"
 TASK_CHOICES = ("auto", *TASKS)  # auto: multilabel or binary when the label file says so, else multiclass
 AUTO_FIELDS = ("lr", "epochs", "freeze_epochs", "backbone_lr_scale")  # None means: chosen from the data (finetune.auto)
@@ -67,7 +67,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     ema: bool = False  # validate, test and publish an exponential moving average of the weights
     ema_decay: float = 0.998
-    early_stop_metric: str = "accuracy"
+    early_stop_metric: str = "auto"
     patience: int = 5
     workers: int = 2
     device: str = "auto"

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from finetune.loop import (
     train_one_epoch,
 )
 from finetune.optim import build_optimizer, build_scheduler, schedule_factor
+from finetune.release import RunResult
 from finetune.runfolder import RunFolder
 from finetune.tasks import TrainingTask, training_task
 from finetune.tblog import TensorBoardLog
@@ -44,24 +44,6 @@ from service.preprocess import draft_size
 
 logger = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    package_dir: Path | None
-    test_metrics: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        acc = self.test_metrics.get("accuracy")
-        f1 = self.test_metrics.get("macro", {}).get("f1")
-        lines = [f"run folder: {self.run_dir}"]
-        if acc is not None:
-            lines.append(
-                f"test accuracy: {acc:.4f}  macro F1: {f1:.4f}  ({self.test_metrics.get('num_samples')} images)"
-            )
-        lines.append(f"published: {self.package_dir}")
-        return "\n".join(lines)
 
 
 def default_name(config: TrainConfig) -> str:
@@ -342,10 +324,7 @@ class Trainer:
         return self.task.metrics(targets, logits, topk=self.config.topk)
 
     def _score(self, val: dict[str, Any]) -> float:
-        metric = self.config.early_stop_metric
-        if metric == "loss":
-            return -float(val["loss"])
-        return float(val["macro"]["f1"] if metric == "macro_f1" else val["accuracy"])
+        return self.task.score(val, self.config.early_stop_metric)
 
     def _end_epoch(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> bool:
         """Record, checkpoint, log; returns True when early stopping ends the run."""
@@ -365,9 +344,7 @@ class Trainer:
         tblog.log_epoch(self.tb, self.model, self.labels, row, val, epochs=self.epochs)
         stop = epoch + 1 < self.epochs and self._may_stop(epoch)
         if stop:
-            logger.info(
-                "early stopping: no %s improvement for %d epochs", self.config.early_stop_metric, state.bad_epochs
-            )
+            logger.info("early stopping: no validation improvement for %d epochs", state.bad_epochs)
         return stop
 
     def _may_stop(self, epoch: int) -> bool:

@@ -86,7 +86,7 @@ def _verdict(
     alpha: float,
 ) -> tuple[str, str]:
     said = (
-        f"accuracy {figures['accuracy']:.4f} vs fp32 {figures['accuracy_fp32']:.4f} on {figures['images']} images "
+        f"accuracy {figures['accuracy']:.4f} vs fp32 {figures['accuracy_fp32']:.4f} on {_answers(figures)} "
         f"({figures['right_to_wrong']} right->wrong, {figures['wrong_to_right']} wrong->right, "
         f"McNemar p={p_value:.3g}); "
         f"agreement {figures['agreement']:.4f}, {confident_agreement:.4f} on {figures['confident_images']} confident"
@@ -110,3 +110,8 @@ def _recall_change(
         if mask.any():
             changes[name] = float(cand_given[mask, index].mean() - ref_given[mask, index].mean())
     return changes
+
+
+def _answers(figures: dict[str, Any]) -> str:
+    images, answers = figures["images"], figures["answers"]
+    return f"{images} images" if images == answers else f"{answers} image labels ({images} images)"

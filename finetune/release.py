@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,28 @@ logger = logging.getLogger(__name__)
 PUBLISHED = "published.txt"  # in the run folder: the package's path, once published
 PARITY_IMAGES = 32  # validation images the exports are checked on, and the package's parity set
 PARITY_FILES = {"images": "parity_images.npy", "logits": "parity_logits.npy"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    package_dir: Path | None
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        test = self.test_metrics
+        lines = [f"run folder: {self.run_dir}"]
+        if "accuracy" in test:
+            accuracy = "subset accuracy" if test.get("task") == "multilabel" else "accuracy"
+            extra = "".join(
+                f"  {name}: {test[key]:.4f}" for key, name in (("mAP", "mAP"), ("roc_auc", "ROC AUC")) if key in test
+            )
+            lines.append(
+                f"test {accuracy}: {test['accuracy']:.4f}  macro F1: {test['macro']['f1']:.4f}{extra}  "
+                f"({test.get('num_samples')} images)"
+            )
+        lines.append(f"published: {self.package_dir}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

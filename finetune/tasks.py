@@ -60,6 +60,9 @@ class TrainingTask:
     head: Task
     balance: str = "none"  # what ``criterion`` resolved the balance mode to
     name: ClassVar[str] = ""
+    # the validation metric that picks the best epoch with ``--early-stop-metric auto``: subset accuracy
+    # of a multi-label model and accuracy of an imbalanced binary one say too little
+    selection_metric: ClassVar[str] = "macro_f1"
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -87,6 +90,13 @@ class TrainingTask:
     def chance_loss(self) -> float:
         """``plain_loss`` of a model that knows nothing (uniform answers)."""
         return math.log(2)
+
+    def score(self, val: dict[str, Any], metric: str) -> float:
+        """Higher is better: the validation ``metric`` (``--early-stop-metric``; auto: the task's own)."""
+        metric = self.selection_metric if metric == "auto" else metric
+        if metric == "loss":
+            return -float(val["loss"])
+        return float(val["macro"]["f1"] if metric == "macro_f1" else val["accuracy"])
 
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> int:
         """Images answered exactly right (a multi-label image: every label right), at the default thresholds."""
@@ -124,6 +134,7 @@ class TrainingTask:
 
 class MulticlassTask(TrainingTask):
     name = "multiclass"
+    selection_metric = "accuracy"
 
     def criterion(self, samples: Sequence[Sample], *, balance: str, label_smoothing: float) -> nn.Module:
         counts = class_counts(samples, len(self.labels))

@@ -195,7 +195,7 @@ def open_backend(name: str, path: Path, options: LoadOptions) -> Backend:
 def warm_up(backend: Backend, manifest: Manifest, *, batch_sizes: Sequence[int] = (1,)) -> None:
     """Run zeros of the manifest's input shape once per batch size; PackageError on a wrong output.
 
-    Proves the model accepts the advertised input and returns ``(N, num_classes)`` finite logits,
+    Proves the model accepts the advertised input and returns ``(N, task width)`` finite logits,
     and pays one-time costs (allocation, kernel selection) before the first real request.
     """
     shape = _image_shape(manifest)
@@ -205,11 +205,11 @@ def warm_up(backend: Backend, manifest: Manifest, *, batch_sizes: Sequence[int] 
             logits = backend.run(batch)
         except Exception as exc:  # the advertised input does not run: the package is broken
             raise PackageError(f"{manifest.name} v{manifest.version}: warm-up on {batch.shape} failed: {exc}") from exc
-        expected = (size, manifest.num_classes)
+        expected = (size, manifest.head.width)
         if tuple(logits.shape) != expected:
             raise PackageError(
                 f"{manifest.name} v{manifest.version}: model returns {tuple(logits.shape)} for {batch.shape}, "
-                f"the manifest promises {expected} ({manifest.num_classes} labels)"
+                f"the manifest promises {expected} (a {manifest.task} model of {manifest.num_classes} labels)"
             )
         if not np.isfinite(logits).all():
             raise PackageError(f"{manifest.name} v{manifest.version}: warm-up logits are not finite")

@@ -71,15 +71,17 @@ class TorchServe:
         return list(alive)
 
 
-def start_torchserve(store: Path, archive: str, work: Path) -> TorchServe:
-    """The README's command on free ports, from a private folder; returns once java runs (see wait_ready)."""
+def start_torchserve(store: Path, models: dict[str, str], work: Path) -> TorchServe:
+    """The README's command on free ports, from a private folder, serving ``{name: archive}``; returns once
+    java runs (see wait_ready)."""
     ports = Ports(*(free_port() for _ in range(5)))
-    config = write_config_properties(work, models={"demo": archive}, ports=ports, model_store=store)
+    config = write_config_properties(work, models=models, ports=ports, model_store=store)
     # TorchServe writes logs/ to LOG_LOCATION (else the cwd), unpacks archives into TEMP and keeps
     # its pid file and worker sockets in TMPDIR: all private, so parallel runs cannot collide.
     env = {**os.environ, "TMPDIR": str(work), "TEMP": str(work)}
     env |= {"LOG_LOCATION": str(work / "logs"), "METRICS_LOCATION": str(work / "logs")}
-    cmd = ["--start", "--ncs", "--model-store", str(store), "--models", f"demo={archive}", "--ts-config", str(config)]
+    listed = [f"{name}={archive}" for name, archive in models.items()]
+    cmd = ["--start", "--ncs", "--model-store", str(store), "--models", *listed, "--ts-config", str(config)]
     with (work / "torchserve.out").open("w") as out:  # java inherits it: a pipe would never reach EOF
         launcher = [str(BIN / "torchserve"), *cmd]
         subprocess.run(launcher, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=60)
@@ -87,22 +89,26 @@ def start_torchserve(store: Path, archive: str, work: Path) -> TorchServe:
     return TorchServe(work, ports, env, [java])
 
 
-def wait_ready(server: TorchServe) -> None:
-    """Poll the management API until the demo worker is READY; then its processes are known."""
+def wait_ready(server: TorchServe, names: tuple[str, ...] = ("demo",)) -> None:
+    """Poll the management API until each model's worker is READY; then its processes are known."""
     java = server.processes[0]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not java.is_running():
             raise RuntimeError(f"TorchServe exited:\n{server.logs()}")
-        try:
-            response = httpx.get(f"{server.management_url}/models/demo", timeout=2)
-            if response.status_code == 200 and [w["status"] for w in response.json()[0]["workers"]] == ["READY"]:
-                server.processes += java.children(recursive=True)
-                return
-        except httpx.HTTPError:
-            pass
+        if all(_worker_ready(server, name) for name in names):
+            server.processes += java.children(recursive=True)
+            return
         time.sleep(0.5)
-    raise RuntimeError(f"TorchServe's demo worker did not become READY:\n{server.logs()}")
+    raise RuntimeError(f"TorchServe's workers for {', '.join(names)} did not become READY:\n{server.logs()}")
+
+
+def _worker_ready(server: TorchServe, name: str) -> bool:
+    try:
+        response = httpx.get(f"{server.management_url}/models/{name}", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and [w["status"] for w in response.json()[0]["workers"]] == ["READY"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +134,7 @@ def pair(
     """Real TorchServe with one archive, and our server with the same backend over the same package."""
     fmt: str = request.param
     work = tmp_path_factory.mktemp(f"torchserve-{fmt}")
-    torchserve = start_torchserve(archives, "demo.mar" if fmt == "torchscript" else "demo-onnx.mar", work)
+    torchserve = start_torchserve(archives, {"demo": "demo.mar" if fmt == "torchscript" else "demo-onnx.mar"}, work)
     try:  # ours starts while TorchServe loads
         ours = start_server(demo_package.store, work / "serve.log", "--backend", backend_for_format(fmt))
         try:

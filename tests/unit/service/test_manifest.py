@@ -68,6 +68,26 @@ def test_invalid_manifests(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
+def test_the_task_defaults_to_multiclass_and_an_unknown_one_is_a_load_error(tmp_path: Path) -> None:
+    data = json.loads(_manifest({}).to_json())
+    del data["task"], data["thresholds"]  # a package made before there were tasks
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    old = load_manifest(tmp_path)
+    assert old.task == "multiclass" and old.head.name == "multiclass" and old.head.width == 2
+    for task, thresholds, message in (
+        ("regression", [], "unknown task 'regression'; known tasks: multiclass, multilabel, binary"),
+        ("multilabel", [0.5], "multilabel with 2 labels needs 2 thresholds"),
+    ):
+        (tmp_path / "manifest.json").write_text(json.dumps(data | {"task": task, "thresholds": thresholds}))
+        with pytest.raises(PackageError, match=message):
+            load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(data | {"task": "binary", "thresholds": [0.3]}))
+    binary = load_manifest(tmp_path)
+    assert (
+        binary.head.width == 1 and binary.thresholds == (0.3,) and json.loads(binary.to_json())["thresholds"] == [0.3]
+    )
+
+
 @pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "", "x" * 200, "a b"])
 def test_names_with_path_tricks_are_rejected(name: str) -> None:
     with pytest.raises(ValueError, match="invalid model name"):
