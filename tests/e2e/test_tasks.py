@@ -96,8 +96,8 @@ def _train(root: Path, data: Path, name: str, *extra: str) -> Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
     root = tmp_path_factory.mktemp("tasks")
     return {
-        "multilabel": _train(root, build_multilabel(root, sizes=(80, 24, 24)), "composites"),
-        "binary": _train(root, build_binary(root), "birds"),
+        "multilabel": _train(root, build_multilabel(root, sizes=(80, 24, 24)), "composites", "--task", "multilabel"),
+        "binary": _train(root, build_binary(root), "birds"),  # --task auto: one 0/1 column is binary
     }
 
 
