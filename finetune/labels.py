@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.splits import SPLIT_NAMES, TASKS, DataError, Sample
+from finetune.config import TASK_CHOICES
+from finetune.splits import SPLIT_NAMES, DataError, Sample
 
 logger = logging.getLogger(__name__)
 
-TASK_CHOICES = ("auto", *TASKS)
 LABEL_COLUMNS = ("label", "labels")
 JSON_KEYS = frozenset({"path", "label", "labels", "split"})
 

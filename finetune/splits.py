@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.tasks import TASKS
+
 SPLIT_NAMES = ("train", "val", "test")
 SPLITS_DIR = "splits"
-TASKS = ("multiclass", "multilabel", "binary")
 
 
 class DataError(ValueError):

@@ -20,9 +20,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from finetune.guard import ALPHA, CONFIDENT, MAX_DROP_POINTS, mcnemar_one_sided
+from finetune.guard import ALPHA, MAX_DROP_POINTS, mcnemar_one_sided
 from service.manifest import MANIFEST_FILE, sha256_file
 from service.precision import host_features
+from service.tasks import CONFIDENT
 from tests.e2e.conftest import BIN, Package, Server, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
