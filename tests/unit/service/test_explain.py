@@ -75,6 +75,19 @@ def test_heatmap_as_png_and_json(client: TestClient, png: Callable[..., bytes]) 
     assert np.asarray(accept.json()).shape == (CROP, CROP)
 
 
+def test_a_requested_label_is_explained_instead_of_the_predicted_one(
+    client: TestClient, png: Callable[..., bytes]
+) -> None:
+    image = png(3)
+    default = np.asarray(client.post("/explanations/cammed?format=json", content=image).json())
+    x, y = (
+        np.asarray(client.post(f"/explanations/cammed?format=json&label={label}", content=image).json())
+        for label in "xy"
+    )
+    assert any(np.array_equal(default, heat) for heat in (x, y))  # the default is the predicted label's
+    assert not np.allclose(x, y)  # two labels, two different maps of evidence
+
+
 @pytest.mark.parametrize(
     ("path", "status", "message"),
     [
@@ -82,6 +95,7 @@ def test_heatmap_as_png_and_json(client: TestClient, png: Callable[..., bytes]) 
         ("/explanations/nope", 404, "not found"),
         ("/explanations/cammed/9", 404, "no version '9'"),
         ("/explanations/cammed?format=svg", 400, "choose png"),
+        ("/explanations/cammed?label=z", 400, "label 'z' is not one of the model's labels: x, y"),
     ],
 )
 def test_clear_errors(client: TestClient, png: Callable[..., bytes], path: str, status: int, message: str) -> None:
