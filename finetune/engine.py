@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from finetune import auto, backbones, data, metrics, release, tblog, transforms
 from finetune.checkpoint import BEST, LAST, TrainState, load_checkpoint, save_checkpoint
@@ -37,13 +37,10 @@ from finetune.loop import (
 from finetune.optim import build_optimizer, build_scheduler, schedule_factor
 from finetune.release import RunResult
 from finetune.runfolder import RunFolder
-from finetune.tasks import TrainingTask, training_task
+from finetune.setup import RUN_INFO, make_parts
 from finetune.tblog import TensorBoardLog
-from service.manifest import Preprocess
-from service.preprocess import draft_size
 
 logger = logging.getLogger(__name__)
-RUN_INFO = "run_info.json"
 
 
 def default_name(config: TrainConfig) -> str:
@@ -106,21 +103,11 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
-        cfg = self.config
-        self.splits = self._load_or_make_splits()
-        self.labels = self.splits.classes
-        self.task: TrainingTask = training_task(self.splits.task, self.labels)
-        if cfg.mix != "none" and self.task.name != "multiclass":
-            raise ValueError(
-                f"--mix {cfg.mix} mixes one-label targets; it is not available for the {self.task.name} task"
-            )
-        self.backbone = self._make_backbone()
-        self.model = self.backbone.model.to(self.runtime.device)
-        if self.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.parts = make_parts(self.config, self.run_dir, self.runtime, self.dist, resuming=self.resuming)
+        self.splits, self.task, self.labels = self.parts.splits, self.parts.task, self.parts.splits.classes
+        self.backbone, self.model, self.loaders = self.parts.backbone, self.parts.model, self.parts.loaders
         self.train_model: nn.Module = maybe_compile(self.model, enabled=self.config.compile)
-        self.criterion = self._make_criterion()
-        self.steps_per_epoch = len(self._train_loader(0))
+        self.steps_per_epoch = len(self.loaders.train(0))
         resumed = (self.run_dir / "checkpoints" / LAST).is_file()
         if not resumed:
             self.tb = self._open_tensorboard(purge_step=None)
@@ -149,11 +136,11 @@ class Trainer:
         probe = None
         if self.dist.is_main and not last.is_file():
             fit = auto.HeadFit(
-                self.task, self.criterion, cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.batch_size, cfg.seed
+                self.task, self.parts.criterion, cfg.optimizer, cfg.weight_decay, cfg.momentum, cfg.batch_size, cfg.seed
             )  # fmt: skip
             inputs = auto.Inputs(
-                self.model, self.backbone.head_prefixes, self._eval_loader(self.splits.train),
-                self._eval_loader(self.splits.val), self.runtime, fit, self.steps_per_epoch,
+                self.model, self.backbone.head_prefixes, self.loaders.eval(self.splits.train),
+                self.loaders.eval(self.splits.val), self.runtime, fit, self.steps_per_epoch,
                 len(self.splits.train) / len(self.labels),
             )  # fmt: skip
             self.plan, probe = auto.resolve(cfg, inputs)
@@ -178,48 +165,6 @@ class Trainer:
         self._save(BEST)  # the fitted head
         head.load_state_dict(current)
 
-    def _load_or_make_splits(self) -> data.DataSplits:
-        """Rank 0 splits and saves; every other rank reads the saved split (one source of truth)."""
-        cfg = self.config
-        if not self.dist.is_main or (self.run_dir / "splits").is_dir():
-            self.dist.barrier()
-            return data.load_splits(self.run_dir)
-        splits = data.prepare_data(cfg.data, **cfg.data_options())
-        data.save_splits(splits, self.run_dir)
-        self.dist.barrier()
-        return splits
-
-    def _make_backbone(self) -> backbones.Backbone:
-        """Pretrained weights on a new run; on resume the checkpoint supplies them (no download)."""
-        cfg = self.config
-        info_path = self.run_dir / RUN_INFO
-        weights = "none" if self.resuming else cfg.weights
-        torch.manual_seed(cfg.seed)
-        backbone = backbones.create_backbone(
-            cfg.backbone,
-            num_classes=self.task.width,
-            weights=weights,
-            head_dropout=cfg.head_dropout,
-            img_size=cfg.img_size,
-        )
-        if self.resuming:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-            backbone.weights = info["weights"]
-            backbone.preprocess = Preprocess.from_dict(info["preprocess"])
-        elif self.dist.is_main:
-            info = {"weights": backbone.weights, "preprocess": backbone.preprocess.__dict__, "labels": self.labels}
-            info_path.write_text(json.dumps(info, indent=2, default=list), encoding="utf-8")
-        logger.info(
-            "backbone %s, weights %s, eval preprocessing %s", backbone.name, backbone.weights, backbone.preprocess
-        )
-        return backbone
-
-    def _make_criterion(self) -> nn.Module:
-        cfg = self.config
-        criterion = self.task.criterion(self.splits.train, balance=cfg.balance, label_smoothing=cfg.label_smoothing)
-        self.balance = self.task.balance
-        return criterion.to(self.runtime.device)
-
     def _restore(self) -> TrainState:
         last = self.run_dir / "checkpoints" / LAST
         if not last.is_file():
@@ -236,36 +181,6 @@ class Trainer:
             self.ema = WeightEMA(self.model, self.config.ema_decay)
         logger.info("resumed after epoch %d (best %s at epoch %d)", state.epoch, state.best_metric, state.best_epoch)
         return state
-
-    # ---- loaders -----------------------------------------------------------------------------
-    def _loader(self, samples: tuple[data.Sample, ...], transform: Any, *, epoch: int, train: bool) -> DataLoader[Any]:
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        draft_to = 0 if train else draft_size(self.backbone.preprocess)  # evaluation decodes as the server does
-        dataset = data.ImageDataset(samples, transform, draft_to=draft_to, target=self.task.target)
-        sampler: Any = None
-        if train and self.dist.enabled:
-            sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        elif train and self.balance == "sampler":
-            sampler = data.make_sampler(samples, len(self.labels), seed=cfg.seed * 1000 + epoch)
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            generator=generator,
-            num_workers=cfg.workers,
-            drop_last=train and len(samples) > cfg.batch_size,
-            pin_memory=self.runtime.device.type == "cuda",
-        )
-
-    def _train_loader(self, epoch: int) -> DataLoader[Any]:
-        preset = transforms.train_transform(self.backbone.preprocess, augment=self.config.augment)
-        return self._loader(self.splits.train, preset, epoch=epoch, train=True)
-
-    def _eval_loader(self, samples: tuple[data.Sample, ...]) -> DataLoader[Any]:
-        return self._loader(samples, transforms.eval_transform(self.backbone.preprocess), epoch=0, train=False)
 
     # ---- training ----------------------------------------------------------------------------
     def _set_phase(self, epoch: int) -> bool:
@@ -289,10 +204,10 @@ class Trainer:
             return
         mixer = transforms.batch_mixer(cfg.mix, num_classes=len(self.labels), alpha=cfg.mix_alpha)
         ctx = StepContext(
-            self.train_model, self.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer,
+            self.train_model, self.parts.criterion, self.optimizer, self.scheduler, self.runtime, cfg.clip_grad, mixer,
             self.ema, self.task.hits,
         )  # fmt: skip
-        val_loader = self._eval_loader(self.splits.val)
+        val_loader = self.loaders.eval(self.splits.val)
         if self.state.epoch == 0:
             self._log_inputs(val_loader)
         wrapped_frozen: bool | None = None
@@ -302,7 +217,7 @@ class Trainer:
                 ctx.model, wrapped_frozen = maybe_compile(self.dist.wrap(self.model), enabled=cfg.compile), frozen
             torch.manual_seed(cfg.seed * 1000 + epoch)
             desc = f"epoch {epoch + 1}/{self.epochs}"
-            stats = train_one_epoch(ctx, self._train_loader(epoch), total=self.steps_per_epoch, desc=desc)
+            stats = train_one_epoch(ctx, self.loaders.train(epoch), total=self.steps_per_epoch, desc=desc)
             val = self._validate(val_loader)
             if self._end_epoch(epoch, stats, val):
                 break
@@ -310,7 +225,7 @@ class Trainer:
         self._save(LAST)
 
     def _log_inputs(self, val_loader: DataLoader[Any]) -> None:
-        images, _ = next(iter(self._train_loader(0)))
+        images, _ = next(iter(self.loaders.train(0)))
         self.tb.images("train/augmented_inputs", images, self.backbone.preprocess, 0)
         example, _ = next(iter(val_loader))
         self.tb.graph(self.model, self.runtime.to_device(example[:1]))
@@ -398,7 +313,7 @@ class Trainer:
         return result
 
     def _predict(self, samples: tuple[data.Sample, ...], desc: str) -> tuple[Any, Any]:
-        loader = self._eval_loader(samples)
+        loader = self.loaders.eval(samples)
         return predict(self.model, loader, self.runtime, total=len(loader), desc=desc, tta=self.config.tta)
 
     def _finished(self) -> release.FinishedRun:
