@@ -46,9 +46,10 @@ def truth_matrix(samples: Sequence[Sample], num_labels: int) -> np.ndarray:
     return truth
 
 
-def _pos_weight(samples: Sequence[Sample], num_labels: int) -> torch.Tensor:
-    positives = np.asarray(class_counts(samples, num_labels), dtype=np.float64)
-    negatives = len(samples) - positives
+def _pos_weight(counts: Sequence[int], images: int) -> torch.Tensor:
+    """negatives / positives per label (``counts``: positives among ``images``), within [1, MAX_POS_WEIGHT]."""
+    positives = np.asarray(counts, dtype=np.float64)
+    negatives = images - positives
     weight = np.clip(negatives / np.maximum(positives, 1.0), 1.0, MAX_POS_WEIGHT)
     return torch.tensor(weight, dtype=torch.float32)
 
@@ -167,11 +168,10 @@ class _SigmoidTask(TrainingTask):
     """Shared by multilabel and binary: BCE with logits on float targets of the model's width."""
 
     def criterion(self, samples: Sequence[Sample], *, balance: str, label_smoothing: float) -> nn.Module:
-        weight = _pos_weight(samples, len(self.labels))[-self.width :]  # binary: the positive label's
         counts = class_counts(samples, len(self.labels))
-        self.balance = (
-            "weights" if resolve_balance(balance if balance != "sampler" else "weights", counts) != "none" else "none"
-        )
+        weight = _pos_weight(counts, len(samples))[-self.width :]  # binary: the positive label's
+        mode = "weights" if balance == "sampler" else balance
+        self.balance = "none" if resolve_balance(mode, counts) == "none" else "weights"
         if balance == "sampler":
             logger.warning("balance sampler is for single-label tasks; %s uses positive weights instead", self.name)
         if label_smoothing:
