@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import flood as flood_bench
 from bench import machine, precision_report, quality_report, raw, report, serving, training
 from bench import predict as predict_bench
 from bench.clients import PROTOCOLS, SWEEP_CLIENTS
@@ -152,7 +153,7 @@ def resolve(args: argparse.Namespace) -> Options:
         train_batch_size=args.train_batch_size, train_workers=args.train_workers, note=args.note,
     )  # fmt: skip
     if args.quick:
-        quick = replace(plan, concurrency=(1, 8), duration_s=1.0, warmup_s=0.3, repeats=1)
+        quick = replace(plan, concurrency=(1, 8), duration_s=0.5, warmup_s=0.2, repeats=1)
         if tuple(args.configs) == serving.DEFAULT_CONFIGS:
             quick = replace(quick, configs=("ours-ort-b8", "ours-ts-b8"))
         options = replace(
@@ -336,10 +337,10 @@ def write(results: dict[str, Any], *, md: Path, js: Path) -> None:
 
 def _keep_sections(md: Path, text: str) -> str:
     """``text`` with the sections of the old report that other benchmarks write carried over
-    (``python -m bench.precision``, ``python -m bench.quality``, ``python -m bench.predict``; this run measures
-    none of them)."""
+    (``python -m bench.precision``, ``python -m bench.quality``, ``python -m bench.predict``,
+    ``python -m bench.flood``; this run measures none of them)."""
     old = md.read_text(encoding="utf-8") if md.is_file() else ""
-    for heading in (precision_report.HEADING, quality_report.HEADING, predict_bench.HEADING):
+    for heading in (precision_report.HEADING, quality_report.HEADING, predict_bench.HEADING, flood_bench.HEADING):
         kept = precision_report.section_of(old, heading=heading)
         text = precision_report.replace_section(text, kept, heading=heading) if kept else text
     return text

@@ -200,7 +200,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "table), 'finetune lr-find ...' (learning-rate range test), "
         "'finetune sweep --lrs a,b --batch-sizes c,d ...' (LR x batch-size grid), "
         "'finetune explain --package DIR image.jpg' "
-        "(Grad-CAM heatmap) and 'finetune package DIR' (TorchServe .mar); each has its own --help.",
+        "(Grad-CAM heatmap), 'finetune package DIR' (TorchServe .mar) and 'finetune report RUN_DIR' (report.html "
+        "again); each has its own --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -283,13 +284,14 @@ SUBCOMMANDS = {
     "lr-find": "lr_find",
     "package": "package_cli",
     "quantize": "quantize_cli",
+    "report": "report_html",
     "sweep": "sweep",
 }
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point; ``compare``, ``lr-find``, ``explain``, ``package``, ``quantize`` and ``sweep``
-    are subcommands."""
+    """Console-script entry point; ``compare``, ``lr-find``, ``explain``, ``package``, ``quantize``, ``report`` and
+    ``sweep`` are subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib

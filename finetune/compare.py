@@ -4,7 +4,7 @@ finetune compare --backbones resnet18,mobilenet_v3_small --data ./imgs --epochs 
 
 Every backbone gets the same resolved config (seed, splits, epochs, batch size, ...) apart from
 ``backbone`` and ``name`` (``<name>-<backbone>``), and is published like any run. The folder
-``runs/compare-<timestamp>/`` holds each backbone's run folder and comparison.{md,csv,png}.
+``runs/compare-<timestamp>/`` holds each backbone's run folder, comparison.{md,csv,png} and report.html.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune import cli
+from finetune import cli, report_html
 from finetune.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ def _format(key: str, value: Any) -> str:
 
 
 def write_table(rows: Sequence[Row], out_dir: Path) -> None:
-    """comparison.md (formatted), comparison.csv (raw values) and comparison.png into ``out_dir``."""
+    """comparison.md (formatted), comparison.csv (raw values), comparison.png and report.html (the plot, the
+    table and a link to each run's report) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
@@ -209,6 +210,9 @@ def write_table(rows: Sequence[Row], out_dir: Path) -> None:
         writer.writerow(COLUMNS)
         writer.writerows([getattr(row, key) for key in COLUMNS] for row in rows)
     plot(rows, out_dir / "comparison.png")
+    cells = [[_format(key, getattr(row, key)) for key in COLUMNS] for row in rows]
+    links = [f"{_safe(row.backbone)}/{report_html.REPORT}" for row in rows]  # each run's folder (_run_one)
+    report_html.write_comparison(out_dir, list(COLUMNS.values()), cells, links)
 
 
 def plot(rows: Sequence[Row], path: Path) -> None:

@@ -2,8 +2,8 @@
 
 Once the best checkpoint is evaluated, :func:`write_predictions` writes the per-image test answers,
 and :func:`export_and_publish`, given the engine's :class:`FinishedRun`, writes the exports (checked
-against the eager model), metrics.json and report.md, the package in the model store and its
-TorchServe archive.
+against the eager model), metrics.json and report.md, the package in the model store, its
+TorchServe archive and report.html (:mod:`finetune.report_html`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from finetune.config import TrainConfig
 from finetune.explain import CAM_FILE, export_for_package
 from finetune.export import export_and_check
 from finetune.publish import PackageSpec, publish_package
+from finetune.report_html import write_report
 from finetune.tasks import TrainingTask
 from finetune.torchserve import archive_for_torchserve
 from service.explain import EXPLAIN_KEY
@@ -148,6 +149,7 @@ def export_and_publish(run: FinishedRun, model: nn.Module, test_metrics: dict[st
     )
     (run.run_dir / PUBLISHED).write_text(f"{package}\n", encoding="utf-8")
     archive_for_torchserve(package, store=cfg.model_store, mode=cfg.torchserve)
+    write_report(run.run_dir)  # last: it shows every file above, the package's path too
     return package
 
 

@@ -21,6 +21,7 @@ class RunFolder:
         self.path = path
         self.created = False  # this process made the folder (not a resume)
         self._made_parent = False
+        self._made_store: Path | None = None  # the model store, when this process made it (empty until publish)
         self._handler: logging.Handler | None = None
 
     def open(self, config: TrainConfig) -> None:
@@ -31,6 +32,7 @@ class RunFolder:
             raise ValueError(f"run folder {self.path} already exists; pick another --run-name or --resume it")
         self.created, self._made_parent = not self.path.exists(), not self.path.parent.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        self._made_store = None if config.model_store.exists() else config.model_store
         check_writable(config.model_store)  # fail now, not after hours of training
         self._handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -46,9 +48,11 @@ class RunFolder:
             self._handler = None
 
     def discard(self) -> None:
-        """Remove the folder this process made (and ``runs/`` itself if it made that too and it is empty)."""
+        """Remove the folder this process made (and ``runs/`` and the model store if it made those too and
+        they are empty)."""
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        if self._made_parent and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()
+        for made in (self.path.parent if self._made_parent else None, self._made_store):
+            if made is not None and made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
         logger.info("removed %s: the run stopped before its first checkpoint", self.path)

@@ -49,6 +49,7 @@ SHARED_MODULES = (
     "parity.py",
     "tasks.py",
     "precision.py",
+    "rules.py",
     *(f"{spec.module.rpartition('.')[2]}.py" for spec in BACKENDS.values()),
 )
 MODEL_CONFIG = "model-config.yaml"
@@ -193,20 +194,22 @@ def _stage_extra_files(package_dir: Path, extra: Path, *, manifest: Manifest, fm
     (shared / "__init__.py").write_text(_SHARED_INIT, encoding="utf-8")
     for module in SHARED_MODULES:
         shutil.copy2(SERVICE_DIR / module, shared / module)
-    _check_closed(shared)
+    _check_closed(shared, HANDLER)
     return extra
 
 
-def _check_closed(shared: Path) -> None:
-    """Every ``service.*`` import of the shipped modules must itself be shipped, or the worker cannot load."""
+def _check_closed(shared: Path, handler: Path | None = None) -> None:
+    """Every ``service.*`` import of the handler and the shipped modules must itself be shipped, or the
+    worker cannot load."""
     shipped = {f"service.{p.stem}" for p in shared.glob("*.py")} | {"service"}
-    for path in sorted(shared.glob("*.py")):
+    for path in [*([handler] if handler is not None else []), *sorted(shared.glob("*.py"))]:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             names = _imported_modules(node)
             missing = sorted(n for n in names if n.split(".")[0] == "service" and n not in shipped)
             if missing:
-                raise ArchiveError(f"service/{path.name} imports {missing}, which the TorchServe archive does not ship")
+                where = path.name if path == handler else f"service/{path.name}"
+                raise ArchiveError(f"{where} imports {missing}, which the TorchServe archive does not ship")
 
 
 def _imported_modules(node: ast.AST) -> list[str]:

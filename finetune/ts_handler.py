@@ -38,11 +38,11 @@ from service.manifest import Manifest, load_manifest, sha256_file
 from service.precision import select
 from service.preprocess import preprocess_bytes
 from service.registry import backends_reading, derived_formats
+from service.rules import image_field
+from service.rules import top_k as answer_count
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FIELD = "data"  # multipart form field, gRPC PredictionsRequest.input key
-BODY_FIELD = "body"  # TorchServe's name for a raw request body
 DEFAULT_TOP_K = 5
 JSON = "application/json"
 
@@ -75,7 +75,7 @@ class ImageClassifier:
         )
         self.backend: Backend = choice.backend
         self.reason = choice.reason
-        self.top_k = max(1, min(top_k, self.manifest.num_classes))
+        self.top_k = answer_count(top_k, self.manifest.num_classes)
 
     @classmethod
     def from_context(cls, context: Any) -> ImageClassifier:
@@ -161,15 +161,9 @@ def verify_model_file(model_dir: Path, manifest: Manifest, model_file: str) -> N
 
 
 def image_bytes(row: Mapping[str, Any]) -> tuple[str, bytes]:
-    """(field name, encoded image) of one request: the raw body, or the one field named ``data``."""
-    present = [name for name in (IMAGE_FIELD, BODY_FIELD) if name in row]
-    if len(present) != 1:
-        got = ", ".join(repr(str(k)) for k in row) or "nothing"
-        raise InvalidInput(
-            f"send one image as the raw request body or as a multipart/gRPC field named {IMAGE_FIELD!r} (got {got})"
-        )
-    field = present[0]
-    value = row[field]
+    """(field name, encoded image) of one request: the raw body, or the one field named ``data``
+    (:func:`service.rules.image_field`, the rule ``serve`` applies too)."""
+    field, value = image_field(row)
     if isinstance(value, bytes | bytearray | memoryview):
         return field, bytes(value)
     raise InvalidInput(

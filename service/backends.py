@@ -61,6 +61,23 @@ def installed(backend: str) -> bool:
     return find_spec(registry.backend_spec(backend).package) is not None
 
 
+# What to do when an engine is missing on purpose: the slim CPU image leaves torch out.
+_ENGINE_HINTS = {
+    "torch": (
+        "the slim CPU image imgclf-cpu (Dockerfile target serve-cpu) has none; serve TorchScript packages with "
+        "the `serve` image (imgclf, target serve), or publish the model with ONNX too "
+        "(finetune --export-formats torchscript,onnx)"
+    ),
+}
+
+
+def not_installed(backend: str) -> str:
+    """Why ``backend`` cannot run here: its engine is not installed, and what to use instead."""
+    package = registry.backend_spec(backend).package
+    hint = _ENGINE_HINTS.get(package)
+    return f"{backend} needs {package}, which is not installed here" + (f": {hint}" if hint else "")
+
+
 def resolve_device(device: str, *, backend: str = "torchscript") -> str:
     """Turn "auto" into "cuda:0" or "cpu" and normalize "cuda" to "cuda:0".
 
@@ -140,12 +157,18 @@ def choose_backend(
             raise PackageError(
                 f"{manifest.name} v{manifest.version}: {requested} needs a {fmt} file; the package has {has}"
             )
+        if not installed(requested):
+            raise PackageError(f"{manifest.name} v{manifest.version}: {not_installed(requested)}")
         return requested
     order = sorted(registry.BACKEND_NAMES, key=lambda b: not (prefer_torchscript and b == "torchscript"))
-    for name in order:
-        if registry.backend_spec(name).format_for(precision) in formats and installed(name):
+    readers = [name for name in order if registry.backend_spec(name).format_for(precision) in formats]
+    for name in readers:
+        if installed(name):
             return name
-    raise PackageError(f"{manifest.name} v{manifest.version}: nothing serves it at {precision}; the package has {has}")
+    missing = "".join(f"; {not_installed(name)}" for name in readers)
+    raise PackageError(
+        f"{manifest.name} v{manifest.version}: nothing serves it at {precision}; the package has {has}{missing}"
+    )
 
 
 def load_backend(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import metrics
+from service.admission import Ewma
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -91,7 +92,8 @@ class Batcher:
 
     ``run`` maps a float32 ``(N, ...)`` batch to an ``(N, C)`` array. Without an ``executor``
     the batcher owns a pool of ``config.instances`` threads, so compute never waits behind
-    other users of the event loop's default executor.
+    other users of the event loop's default executor. ``compute_per_image`` is an EWMA of the
+    measured seconds per image of its batches (None until the first one): admission's service time.
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class Batcher:
             max_workers=config.instances, thread_name_prefix=f"batcher-{model}-{version}"
         )
         self._pending: deque[_Request] = deque()
+        self._computing = 0  # images in batches computing now
+        self.compute_per_image = Ewma()
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._state = _NEW
@@ -125,6 +129,16 @@ class Batcher:
     def queue_depth(self) -> int:
         """Requests waiting to be batched (not those already computing)."""
         return len(self._pending)
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting to be batched."""
+        return sum(request.size for request in self._pending)
+
+    @property
+    def computing_images(self) -> int:
+        """Images in the batches computing now."""
+        return self._computing
 
     async def start(self) -> None:
         """Start ``config.instances`` batch loops on the running event loop."""
@@ -315,9 +329,16 @@ class Batcher:
     async def _execute(self, batch: list[_Request]) -> np.ndarray:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         self._batch_size.observe(inputs.shape[0])
+        images = int(inputs.shape[0])
+        self._computing += images
         start = time.perf_counter()
-        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
-        self._compute_seconds.observe(time.perf_counter() - start)
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+        finally:
+            self._computing -= images
+        elapsed = time.perf_counter() - start
+        self._compute_seconds.observe(elapsed)
+        self.compute_per_image.observe(elapsed, images)
         return outputs
 
     def _resolve(self, batch: list[_Request], outputs: np.ndarray) -> None:

@@ -22,7 +22,12 @@ from service.settings import EVENT_LOOPS, Settings, from_sources
 logger = logging.getLogger("service")
 
 HELP = {
-    "model_store": "folder of <name>/<version>/ packages (default model_store)",
+    "model_store": "folder of <name>/<version>/ packages (default model_store); must exist unless --model-control poll",
+    "model_control": "none: load the store at start (default); poll: rescan it every --poll-interval-s, loading "
+    "new versions and draining removed ones; explicit: load at start, then the management API loads and unloads "
+    "(implies --enable-management)",
+    "poll_interval_s": "poll mode: seconds between rescans of the model store (default 5)",
+    "version_policy": "versions of each model to serve: all (default), latest:N or specific:V[,V...]",
     "host": "address to bind; loopback by default, 0.0.0.0 to listen on every interface",
     "http_port": "HTTP port: KServe v2, TorchServe /predictions, /metrics (default 8000)",
     "grpc_port": "gRPC port: inference.GRPCInferenceService and TorchServe's InferenceAPIsService (default 8001)",
@@ -38,6 +43,10 @@ HELP = {
     "max_queue_delay_ms": "how long a batch may wait for more requests; 0 batches what is already queued",
     "max_queue_size": "requests waiting per model version (being decoded or queued) before new ones are refused "
     "with 429 (default 64)",
+    "max_queue_wait_ms": "refuse with 429 a request that could not be answered within this many ms (or its "
+    "deadline), judged from the measured service time and the work ahead; 0: the length bound only (default 350)",
+    "refusal_pause_ms": "HTTP: after refusing a request with 429, leave that connection's next request unread this "
+    "many ms (backpressure on clients that retry at once instead of honouring Retry-After); 0: off (default 250)",
     "model_instances": "batches computed concurrently per model version (default 1)",
     "decode_workers": "threads decoding and preprocessing images beside the model (default 4)",
     "intra_op_threads": "threads inside one model run; 0 leaves the backend's default",
@@ -51,11 +60,44 @@ HELP = {
     "inference_token": "if set, inference requests need this bearer token too (prefer SERVE_INFERENCE_TOKEN)",
     "tls_cert": "PEM certificate: serve HTTPS and gRPC over TLS (with --tls-key)",
     "tls_key": "PEM private key for --tls-cert",
-    "drain_timeout_s": "on SIGTERM, how long to let accepted requests finish (default 30)",
+    "drain_timeout_s": "on SIGTERM, after the grace period, how long to let accepted requests finish (default 30)",
+    "drain_grace_s": "on SIGTERM, report not ready (/v2/health/ready 503, ServerReady false, /ping Unhealthy) but "
+    "keep serving this many seconds so load balancers stop sending, then close the listeners (default 5; 0: "
+    "close at once; a second signal ends it early)",
+    "max_connections": "connections open at once per listener (HTTP, gRPC); beyond it HTTP answers a new "
+    "connection 503 and closes it, gRPC stops accepting (default 1000)",
+    "grpc_max_concurrent_rpcs": "gRPC calls in progress at once; beyond it RESOURCE_EXHAUSTED (default 1000)",
+    "keep_alive_timeout_s": "HTTP: close a keep-alive connection idle this many seconds (default 5)",
+    "header_timeout_s": "HTTP: close (408) a connection whose request head is not complete this many seconds after "
+    "its first byte or its connection; gRPC: the connection handshake bound (default 10)",
+    "body_timeout_s": "HTTP: close a connection whose request body is not complete this many seconds after its head "
+    "(default 60)",
     "event_loop": f"{', '.join(EVENT_LOOPS)}: the loop HTTP and gRPC share (auto: uvloop when installed)",
     "default_top_k": "labels in TorchServe-style answers (default 5)",
+    "ui": "serve the page at / to try a model in a browser and watch the server (default on; behind the "
+    "inference token when one is set; --no-ui or --ui false to turn it off)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
+
+
+class BooleanFlag(argparse.BooleanOptionalAction):
+    """``--ui``, ``--no-ui`` and also ``--ui false`` (any value SERVE_UI takes), as the issue and config
+    files spell it; the value is checked with the settings, so a typo is refused in one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        negated = bool(option and option.startswith("--no-"))
+        if values is None:
+            setattr(namespace, self.dest, not negated)
+        elif negated:
+            parser.error(f"{option} takes no value")
+        else:
+            setattr(namespace, self.dest, values)  # a string: service.settings parses it like SERVE_<NAME>
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+            parser.add_argument(flag, action=BooleanFlag, default=None, metavar="BOOL", help=HELP[field.name])
         else:
             parser.add_argument(flag, default=None, metavar=field.name.upper(), help=HELP[field.name])
     return parser

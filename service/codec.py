@@ -33,10 +33,26 @@ def element_count(shape: Sequence[int], *, name: str) -> int:
     return math.prod(shape)
 
 
+def check_datatype(datatype: str, *, name: str) -> None:
+    """``datatype`` is one of the v2 datatypes (BYTES or a numeric one), whatever the encoding."""
+    if datatype != "BYTES" and datatype not in NUMPY_DTYPES:
+        raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
+
+
+def check_element_count(found: int, shape: Sequence[int], *, name: str) -> None:
+    """``found`` elements fill ``shape`` exactly; the same message over JSON, binary and gRPC."""
+    count = element_count(shape, name=name)
+    if found > count:
+        raise InvalidInput(f"input '{name}': more than the {count} elements its shape {list(shape)} holds")
+    if found < count:
+        raise InvalidInput(f"input '{name}': {found} elements for shape {list(shape)} ({count})")
+
+
 def wire_dtype(datatype: str, *, name: str) -> np.dtype[Any]:
     """The little-endian NumPy dtype of a numeric v2 datatype (``FP32`` -> ``<f4``)."""
+    check_datatype(datatype, name=name)
     if datatype not in NUMPY_DTYPES:
-        raise InvalidInput(f"input '{name}': unsupported datatype '{datatype}'")
+        raise InvalidInput(f"input '{name}': BYTES is not a numeric datatype")
     dtype: np.dtype[Any] = np.dtype(NUMPY_DTYPES[datatype])
     return dtype.newbyteorder("<")
 
@@ -51,14 +67,16 @@ def serialize_bytes_tensor(items: Iterable[bytes | str]) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes_tensor(buffer: bytes, *, name: str, count: int | None = None) -> list[bytes]:
+def deserialize_bytes_tensor(
+    buffer: bytes, *, name: str, count: int | None = None, shape: Sequence[int] | None = None
+) -> list[bytes]:
     """Split length-prefixed elements; with ``count``, stop as soon as there are more than that."""
     items: list[bytes] = []
     view = memoryview(buffer)
     offset, size = 0, len(buffer)
     while offset < size:
         if count is not None and len(items) >= count:
-            raise InvalidInput(f"input '{name}': more than the {count} BYTES elements its shape holds")
+            check_element_count(count + 1, list(shape) if shape is not None else [count], name=name)
         if offset + LENGTH_PREFIX.size > size:
             raise InvalidInput(f"input '{name}': truncated BYTES length prefix at byte {offset}")
         (length,) = LENGTH_PREFIX.unpack_from(buffer, offset)
@@ -76,9 +94,8 @@ def decode_raw(buffer: bytes, datatype: str, shape: Sequence[int], *, name: str)
     """Raw bytes -> ``list[bytes]`` for BYTES, else a new native-endian array of ``shape``."""
     count = element_count(shape, name=name)
     if datatype == "BYTES":
-        items = deserialize_bytes_tensor(buffer, name=name, count=count)
-        if len(items) != count:
-            raise InvalidInput(f"input '{name}': {len(items)} BYTES elements for shape {list(shape)} ({count})")
+        items = deserialize_bytes_tensor(buffer, name=name, count=count, shape=shape)
+        check_element_count(len(items), shape, name=name)
         return items
     dtype = wire_dtype(datatype, name=name)
     expected = count * dtype.itemsize
@@ -105,9 +122,7 @@ def encode_raw(data: TensorData, datatype: str) -> bytes:
 
 def from_values(values: Sequence[Any], datatype: str, shape: Sequence[int], *, name: str) -> TensorData:
     """A flat list of element values (gRPC typed contents) -> tensor data, checked against ``shape``."""
-    count = element_count(shape, name=name)
-    if len(values) != count:
-        raise InvalidInput(f"input '{name}': {len(values)} elements for shape {list(shape)} ({count})")
+    check_element_count(len(values), shape, name=name)
     if datatype == "BYTES":
         if not all(isinstance(v, bytes | str) for v in values):
             raise InvalidInput(f"input '{name}': BYTES elements must be bytes or strings")

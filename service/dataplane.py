@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from service import metrics
-from service.errors import DeadlineExceeded, Forbidden, InvalidInput, QueueFull, ShuttingDown, Unauthorized
+from service import metrics, rules
+from service.admission import Admission, Decoding, Ewma, Load, WaitEstimate, image_count
+from service.errors import DeadlineExceeded, Forbidden, InvalidInput, ServiceError, ShuttingDown, Unauthorized
 from service.explain import Explainer, cam_file, label_index
 from service.manifest import Manifest, Preprocess
+from service.model_summary import manifest_summary
 from service.preprocess import allow_pixels, preprocess_bytes
 from service.registry import PLATFORMS
 from service.repository import READY, ModelEntry, ModelRepository
@@ -54,7 +56,11 @@ class DataPlane:
         allow_pixels(settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         self._draining = False
-        self._decoding: dict[tuple[str, str], int] = {}  # requests being decoded, per model version
+        self._leaving = False  # SIGTERM's grace period: not ready, still serving
+        self._decoding = Decoding()  # requests and images being decoded, per model version
+        self._admission = Admission(
+            max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000
+        )
         self._explainer = Explainer()  # loads torch and a package's cam.pt on the first explanation only
 
     # ---- health and metadata -------------------------------------------------------------------
@@ -62,8 +68,12 @@ class DataPlane:
         return True
 
     async def ready(self) -> bool:
-        """Ready when not draining and at least one model version is ready to serve."""
-        return not self._draining and self.repository.any_ready()
+        """Ready when not draining or leaving and at least one model version is ready to serve."""
+        return not (self._draining or self._leaving) and self.repository.any_ready()
+
+    def begin_leaving(self) -> None:
+        """Report not ready from now on (load balancers stop sending) while still answering requests."""
+        self._leaving = True
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(SERVER_NAME, SERVER_VERSION, list(EXTENSIONS))
@@ -91,6 +101,10 @@ class DataPlane:
             precision_notes=chosen.choice,
             task=manifest.task if manifest is not None else "",
             thresholds=list(manifest.thresholds) if manifest is not None else [],
+            default_version=self.repository.default_version(name) or "",
+            pinned_version=self.repository.pinned_version(name) or "",
+            version_states=[e.status() for e in entries],
+            **manifest_summary(manifest),
         )
 
     def _pick_for_metadata(self, name: str, entries: list[ModelEntry], version: str | None) -> ModelEntry:
@@ -101,8 +115,8 @@ class DataPlane:
             from service.errors import ModelNotFound
 
             raise ModelNotFound(f"model '{name}' has no version '{version}'")
-        ready = [e for e in entries if e.state == READY]
-        return (ready or entries)[-1]
+        default = self.repository.default_version(name)
+        return next((e for e in entries if e.version == default), entries[-1])
 
     # ---- inference ---------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -114,6 +128,7 @@ class DataPlane:
             entry = self.repository.get(request.model, request.version)
             version = entry.version
             assert entry.manifest is not None and entry.batcher is not None
+            _check_request(request, entry.manifest)
             batch = await self._admit(entry, request)
             _check_deadline(request.deadline)
             logits = await entry.batcher.submit(batch, deadline=request.deadline)
@@ -129,36 +144,58 @@ class DataPlane:
         if self._draining:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
 
+    def check_admission(
+        self, model: str, version: str | None = None, *, deadline: float | None = None, protocol: str = ""
+    ) -> None:
+        """Refuse at once what ``infer`` would refuse before decoding: draining, unknown or unready model,
+        no room (QueueFull, with ``retry_after_s``). Adapters call it before reading a request's body, so a
+        flood is refused without paying for its bytes; it reserves nothing (``infer`` checks again)."""
+        try:
+            self._check_accepting()
+            entry = self.repository.get(model, version)
+            self._check_room(entry, deadline)
+        except ServiceError as exc:
+            metrics.REQUESTS.labels(model, version or "", protocol, metrics.outcome_for(exc)).inc()
+            raise
+
+    def _check_room(self, entry: ModelEntry, deadline: float | None) -> None:
+        """The admission rule (service.admission): QueueFull unless the model version could start the
+        request within its budget, judged from the work ahead (being decoded, queued, computing)."""
+        assert entry.batcher is not None
+        key, batcher, config = (entry.name, entry.version), entry.batcher, entry.batcher.config
+        load = Load(
+            self._decoding.requests(key) + batcher.queue_depth,
+            self._decoding.images(key),
+            batcher.queued_images,
+            batcher.computing_images,
+        )
+        decode_s, workers = self._decoding.timer(key).value, self.settings.decode_workers
+        estimate = WaitEstimate(
+            batcher.compute_per_image.value, decode_s, workers, config.instances, config.max_batch_size
+        )
+        self._admission.check(load, estimate, deadline=deadline, label=f"model '{entry.name}' version {entry.version}")
+
     async def _admit(self, entry: ModelEntry, request: InferRequest) -> np.ndarray:
         """Decode the request's images if the model version has room, else refuse at once (QueueFull).
 
-        Requests being decoded count against ``max_queue_size`` with those queued in the batcher:
-        otherwise a flood would wait, unbounded, in front of the decode threads before being refused.
+        Requests being decoded count with those queued in the batcher (against ``max_queue_size`` and in
+        the expected wait): otherwise a flood would wait, unbounded, in front of the decode threads.
         """
-        assert entry.batcher is not None
-        key = (entry.name, entry.version)
-        waiting = self._decoding.get(key, 0) + entry.batcher.queue_depth
-        if waiting >= self.settings.max_queue_size:
-            raise QueueFull(f"model '{entry.name}' version {entry.version} has {waiting} requests waiting; retry later")
-        self._decoding[key] = self._decoding.get(key, 0) + 1
+        self._check_room(entry, request.deadline)
+        images = image_count(request.inputs[0].data if len(request.inputs) == 1 else None)
+        entry.decoding += 1  # unloading the version waits for these (ModelRepository._retire)
         try:
-            return await self._to_batch(entry, request)
+            with self._decoding.hold((entry.name, entry.version), images):
+                return await self._to_batch(entry, request)
         finally:
-            self._decoding[key] -= 1
+            entry.decoding -= 1
 
     async def _to_batch(self, entry: ModelEntry, request: InferRequest) -> np.ndarray:
         assert entry.manifest is not None
-        if len(request.inputs) != 1:
-            raise InvalidInput(
-                f"expected exactly one input ('{IMAGE_INPUT}' BYTES or '{entry.manifest.inputs[0].name}' FP32), "
-                f"got {len(request.inputs)}"
-            )
-        tensor = request.inputs[0]
+        tensor = request.inputs[0]  # one input, of a name and datatype the model takes: _check_request
         if tensor.datatype == "BYTES":
             return await self._decode_images(entry, tensor)
-        if tensor.datatype == "FP32":
-            return _check_fp32(tensor, entry.manifest)
-        raise InvalidInput(f"input '{tensor.name}': datatype {tensor.datatype} not supported; send BYTES or FP32")
+        return _check_fp32(tensor, entry.manifest)
 
     async def _decode_images(self, entry: ModelEntry, tensor: InferInput) -> np.ndarray:
         assert entry.manifest is not None and isinstance(tensor.data, list)
@@ -170,7 +207,8 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         spec, cap = entry.manifest.preprocess, self.settings.max_image_pixels
         start = time.perf_counter()
-        decode = functools.partial(_decode_one, spec=spec, max_pixels=cap, name=tensor.name)
+        timer = self._decoding.timer((entry.name, entry.version))
+        decode = functools.partial(_decode_one, spec=spec, max_pixels=cap, name=tensor.name, timer=timer)
         if len(images) == 1:  # the common case: no gather task, and a view instead of np.stack's copy
             batch = (await loop.run_in_executor(self._decode_pool, decode, 0, images[0]))[None]
         else:
@@ -197,7 +235,9 @@ class DataPlane:
         )
         response = await self.infer(request)
         probs = np.asarray(response.outputs[0].data)
-        task = self.repository.get(name, response.version).manifest.head  # type: ignore[union-attr]
+        # the version that answered, even if it is draining now (get() would refuse it)
+        served = next(e for e in self.repository.versions(name) if e.version == response.version)
+        task = served.manifest.head  # type: ignore[union-attr]
         return task.answers(probs, self.settings.default_top_k)
 
     async def explain(self, name: str, version: str | None, image: bytes, label: str | None = None) -> np.ndarray:
@@ -235,10 +275,27 @@ class DataPlane:
         return self.repository.index()
 
     async def load_model(self, name: str) -> None:
+        self._check_explicit_control("load")
         await self.repository.load_model(name)
 
     async def unload_model(self, name: str) -> None:
+        self._check_explicit_control("unload")
         await self.repository.unload_model(name)
+
+    async def set_default_version(self, name: str, version: str | None) -> dict[str, str]:
+        """Pin the version unversioned requests get (READY only); None: the newest READY one again."""
+        self.repository.pin_default(name, version)
+        return {
+            "name": name,
+            "default_version": self.repository.default_version(name) or "",
+            "pinned_version": self.repository.pinned_version(name) or "",
+        }
+
+    def _check_explicit_control(self, action: str) -> None:
+        if self.settings.model_control == "poll":
+            raise InvalidInput(
+                f"cannot {action} models with model_control=poll: the store decides; publish or remove version folders"
+            )
 
     async def shutdown(self, *, timeout: float) -> None:
         """Refuse new requests, finish everything accepted, release the models and threads."""
@@ -247,8 +304,14 @@ class DataPlane:
         self._decode_pool.shutdown(wait=True, cancel_futures=False)
 
 
-def _decode_one(index: int, data: bytes, *, spec: Preprocess, max_pixels: int, name: str) -> np.ndarray:
-    return preprocess_bytes(data, spec, max_pixels=max_pixels, source=f"{name}[{index}]")
+def _decode_one(
+    index: int, data: bytes, *, spec: Preprocess, max_pixels: int, name: str, timer: Ewma | None = None
+) -> np.ndarray:
+    start = time.perf_counter()  # timed in the thread: the wait for a decode thread is not decode time
+    array = preprocess_bytes(data, spec, max_pixels=max_pixels, source=f"{name}[{index}]")
+    if timer is not None:
+        timer.observe(time.perf_counter() - start)
+    return array
 
 
 def _same(token: str | None, expected: str) -> bool:
@@ -258,6 +321,12 @@ def _same(token: str | None, expected: str) -> bool:
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the request's deadline passed before it could be computed")
+
+
+def _check_request(request: InferRequest, manifest: Manifest) -> None:
+    """The request rules (service.rules) on its inputs and requested outputs, before any work is done."""
+    rules.check_inputs(request.inputs, image_input=IMAGE_INPUT, tensor_input=manifest.inputs[0].name)
+    rules.check_outputs([output.name for output in request.outputs or ()], OUTPUT_NAMES)
 
 
 def _check_fp32(tensor: InferInput, manifest: Manifest) -> np.ndarray:
@@ -281,9 +350,7 @@ def _make_outputs(logits: np.ndarray, manifest: Manifest, requested: list[Reques
     values = {"logits": logits.astype(np.float32, copy=False), "probabilities": task.probabilities(logits)}
     wanted = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
     outputs = []
-    for item in wanted:
-        if item.name not in values:
-            raise InvalidInput(f"unknown output '{item.name}'; this model has {', '.join(OUTPUT_NAMES)}")
+    for item in wanted:  # names checked by _check_request
         if item.classification > 0:
             strings = task.classification(logits, item.classification, of_logits=item.name == "logits")
             columns = task.answer_columns(item.classification)

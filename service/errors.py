@@ -61,10 +61,17 @@ class ModelNotReady(ServiceError):
 
 
 class QueueFull(ServiceError):
-    """The model's queue is full: the server refuses at once instead of queuing without bound."""
+    """The model's queue is full: the server refuses at once instead of queuing without bound.
+
+    ``retry_after_s``: whole seconds after which a retry may be admitted (HTTP ``Retry-After``).
+    """
 
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ServiceError):

@@ -13,16 +13,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
 
-from service import codec, protos
+from service import codec, protos, rules
 from service.errors import InvalidInput, ServiceError
-from service.types import NUMPY_DTYPES, InferInput, InferRequest, InferResponse, RequestedOutput
+from service.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 if TYPE_CHECKING:
     from service.dataplane import DataPlane
@@ -46,7 +45,9 @@ CONTENTS_FIELDS = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-TORCHSERVE_INPUTS = ("data", "body")
+# trailing metadata of a RESOURCE_EXHAUSTED answer that may be retried: gRPC's own retry pushback (gRFC A6),
+# which a client's retry policy honours, in milliseconds
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -77,11 +78,12 @@ def _rpc(handler: Callable[[S, Any, Any], Awaitable[R]]) -> Callable[[S, Any, An
             raise
         except ServiceError as exc:
             code, message = getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), exc.message
+            trailers = retry_metadata(exc)
         except Exception:
             request_id = getattr(request, "id", "")  # ModelInferRequest.id, when the client set one
             logger.exception("gRPC %s from %s failed (request id %r)", handler.__name__, context.peer(), request_id)
-            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-        await context.abort(code, message)
+            code, message, trailers = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, ()
+        await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -95,23 +97,30 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def request_deadline(context: Any, parameters: Mapping[str, Any], default_s: float = 0.0) -> float | None:
-    """Absolute ``time.monotonic()`` deadline: the earliest of the gRPC deadline and the v2 ``timeout`` (µs).
+def retry_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
+    """``grpc-retry-pushback-ms`` for an error that says when to retry (a full queue), else nothing."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    return ((RETRY_PUSHBACK, str(int(retry_after_s * 1000))),)
 
-    Without either, ``default_s`` seconds from now (0: none).
-    """
-    limits: list[float] = []
-    remaining = context.time_remaining()
-    if remaining is not None:
-        limits.append(remaining)
-    if "timeout" in parameters:
-        timeout = parameters["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-            raise InvalidInput("parameter 'timeout' must be a positive integer (microseconds)")
-        limits.append(timeout / 1e6)
-    if not limits and default_s > 0:
-        limits.append(default_s)
-    return time.monotonic() + min(limits) if limits else None
+
+def _metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str | None:
+    for name, value in metadata or ():
+        if name.lower() == key and isinstance(value, str):
+            return value
+    return None
+
+
+def request_deadline(context: Any, parameters: Mapping[str, Any], default_s: float = 0.0) -> float | None:
+    """Absolute ``time.monotonic()`` deadline (see :func:`service.rules.deadline`): the earliest of the gRPC
+    deadline, the v2 ``timeout`` parameter (µs) and ``x-request-timeout-ms`` metadata; else ``default_s``."""
+    return rules.deadline(
+        parameters=parameters,
+        header=_metadata_value(context.invocation_metadata(), rules.TIMEOUT_HEADER.lower()),
+        transport_s=context.time_remaining(),
+        default_s=default_s,
+    )
 
 
 def _optional(version: str) -> str | None:
@@ -150,11 +159,10 @@ def parameters_to_proto(target: Any, values: Mapping[str, Any]) -> None:
 
 def _typed_contents(tensor: Any) -> list[Any]:
     name, datatype = tensor.name, tensor.datatype
+    codec.check_datatype(datatype, name=name)
     field = CONTENTS_FIELDS.get(datatype)
     if field is None:
-        if datatype in NUMPY_DTYPES:
-            raise InvalidInput(f"input '{name}': {datatype} has no typed contents; send it in raw_input_contents")
-        raise InvalidInput(f"input '{name}': unsupported datatype '{datatype}'")
+        raise InvalidInput(f"input '{name}': {datatype} has no typed contents; send it in raw_input_contents")
     return list(getattr(tensor.contents, field))
 
 
@@ -174,10 +182,7 @@ def input_from_proto(tensor: Any, raw: bytes | None) -> InferInput:
 
 def requested_output_from_proto(tensor: Any) -> RequestedOutput:
     parameters = parameters_from_proto(tensor.parameters)
-    k = parameters.get("classification", 0)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInput(f"output '{tensor.name}': classification must be a non-negative integer")
-    return RequestedOutput(tensor.name, k, parameters)
+    return RequestedOutput(tensor.name, rules.classification(parameters, tensor.name), parameters)
 
 
 def infer_request_from_proto(request: Any, *, deadline: float | None) -> InferRequest:
@@ -288,16 +293,6 @@ class InferenceServicer:
 # ---- TorchServe --------------------------------------------------------------------------------
 
 
-def torchserve_image(inputs: Mapping[str, bytes]) -> bytes:
-    """The image of a ``PredictionsRequest``: input "data" (TorchServe's clients), "body", or the only one."""
-    for key in TORCHSERVE_INPUTS:
-        if key in inputs:
-            return inputs[key]
-    if len(inputs) == 1:
-        return next(iter(inputs.values()))
-    raise InvalidInput(f"send the image as input 'data' (got inputs: {', '.join(sorted(inputs)) or 'none'})")
-
-
 def torchserve_json(value: Any) -> bytes:
     """JSON the way TorchServe writes it (two-space indent)."""
     return json.dumps(value, indent=2).encode("utf-8")
@@ -341,7 +336,7 @@ class TorchServeServicer:
         self.dataplane.check_inference_token(bearer_token(context.invocation_metadata()))
         if not request.model_name:
             raise InvalidInput("model_name is required")
-        image = torchserve_image(request.input)
+        _, image = rules.image_field(request.input)
         deadline = request_deadline(context, {}, self.default_timeout_s)
         answers = await self.dataplane.predict_images(
             request.model_name, _optional(request.model_version), [image], protocol=protocol, deadline=deadline

@@ -1,4 +1,4 @@
-"""The HTTP application: v2 and TorchServe routes, management, /metrics, and the one error mapping."""
+"""The HTTP application: v2 and TorchServe routes, management, /metrics, the page at /, and the one error mapping."""
 
 from __future__ import annotations
 
@@ -11,29 +11,29 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from service import http_torchserve, http_v2, metrics
+from service import http_torchserve, http_ui, http_v2, metrics
 from service.dataplane import DataPlane
-from service.errors import ServiceError
+from service.errors import QueueFull, ServiceError
+from service.http_common import bearer_token
+from service.http_gate import error_payload
+from service.versions import parse_pin
 
 logger = logging.getLogger(__name__)
-TORCHSERVE_PREFIXES = ("/predictions", "/explanations", "/ping")
-
-
-def _is_torchserve(request: Request) -> bool:
-    return request.url.path.startswith(TORCHSERVE_PREFIXES)
 
 
 def error_response(request: Request, status: int, message: str, kind: str) -> JSONResponse:
     """v2 routes answer {"error": ...}; TorchServe routes answer TorchServe's {code, type, message}."""
-    if _is_torchserve(request):
-        return JSONResponse({"code": status, "type": kind, "message": message}, status_code=status)
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse(error_payload(request.url.path, status, message, kind), status_code=status)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(request, exc.http_status, exc.message, type(exc).__name__)
+    response = error_response(request, exc.http_status, exc.message, type(exc).__name__)
+    if isinstance(exc, QueueFull):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -43,6 +43,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(request, exc.status_code, str(exc.detail), "HTTPException")
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client closed the connection (or was closed by the body timeout) before its body was complete:
+    nobody reads an answer; counted as a timeout where one fired (http_limits), logged only at DEBUG."""
+    logger.debug("client left before its request body was complete: %s %s", request.method, request.url.path)
+    return error_response(
+        request, 400, "the connection closed before the request body was complete", "ClientDisconnect"
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -57,20 +66,26 @@ def management_router(plane: DataPlane) -> APIRouter:
 
     @router.post("/v2/repository/index")
     async def index(request: Request) -> list[dict[str, Any]]:
-        plane.check_management_token(http_v2.bearer_token(request))
+        plane.check_management_token(bearer_token(request))
         return [asdict(row) for row in await plane.repository_index()]
 
     @router.post("/v2/repository/models/{model}/load")
     async def load(model: str, request: Request) -> Response:
-        plane.check_management_token(http_v2.bearer_token(request))
+        plane.check_management_token(bearer_token(request))
         await plane.load_model(model)
         return Response(status_code=200)
 
     @router.post("/v2/repository/models/{model}/unload")
     async def unload(model: str, request: Request) -> Response:
-        plane.check_management_token(http_v2.bearer_token(request))
+        plane.check_management_token(bearer_token(request))
         await plane.unload_model(model)
         return Response(status_code=200)
+
+    @router.post("/v2/repository/models/{model}/default")
+    async def pin_default(model: str, request: Request) -> dict[str, str]:
+        """Body ``{"version": "2"}`` pins the default version; ``{"version": null}`` unpins."""
+        plane.check_management_token(bearer_token(request))
+        return await plane.set_default_version(model, parse_pin(await request.body()))
 
     return router
 
@@ -80,6 +95,8 @@ def create_app(plane: DataPlane, *, metrics_route: bool = True) -> FastAPI:
     app.include_router(http_v2.build_router(plane))
     app.include_router(http_torchserve.build_router(plane))
     app.include_router(management_router(plane))
+    if plane.settings.ui:
+        app.include_router(http_ui.build_router(plane))
     if metrics_route:
 
         @app.get("/metrics")
@@ -90,5 +107,6 @@ def create_app(plane: DataPlane, *, metrics_route: bool = True) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected_error)
     return app

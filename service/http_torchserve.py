@@ -15,10 +15,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive
 
+from service import rules
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.explain import heatmap_png
-from service.http_v2 import bearer_token, read_body, request_deadline
+from service.http_common import bearer_token, read_body, request_deadline
 
 MULTIPART = "multipart/form-data"
 # the routes read the raw request, so FastAPI cannot infer this: say it in the OpenAPI description
@@ -34,15 +35,12 @@ IMAGE_BODY: dict[str, Any] = {
 
 
 async def image_from_request(request: Request, limit: int) -> bytes:
-    """The raw body, or the one file/field of a multipart form (``data`` or ``body`` when several)."""
+    """The raw body, or the multipart field the image rule names (:func:`service.rules.image_field`)."""
     body = await read_body(request, limit)  # capped while it streams, multipart or not
     if not request.headers.get("content-type", "").startswith(MULTIPART):
         return body
     async with Request(request.scope, _replay(body)).form() as form:  # closes the upload's temp files
-        fields = dict(form.multi_items())
-        chosen = fields.get("data") or fields.get("body") or (next(iter(fields.values())) if len(fields) == 1 else None)
-        if chosen is None:
-            raise InvalidInput("multipart request: send the image in a field named 'data'")
+        _, chosen = rules.image_field(dict(form.multi_items()))
         if isinstance(chosen, str):
             return _field_bytes(chosen)
         data: bytes = await chosen.read()
@@ -113,6 +111,7 @@ async def _explain(plane: DataPlane, request: Request, model: str, version: str 
 
 async def _predict(plane: DataPlane, request: Request, model: str, version: str | None) -> JSONResponse:
     plane.check_inference_token(bearer_token(request))
+    plane.check_admission(model, version, protocol="http_torchserve")  # a flood is refused before its body is read
     image = await image_from_request(request, plane.settings.max_payload_bytes)
     deadline = request_deadline(request, {}, plane.settings.request_timeout_s)
     answers = await plane.predict_images(model, version, [image], protocol="http_torchserve", deadline=deadline)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -18,13 +16,13 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import codec
+from service import codec, rules
 from service.dataplane import DataPlane
 from service.errors import InvalidInput, ModelNotReady
+from service.http_common import bearer_token, read_body, request_deadline
 from service.types import NUMPY_DTYPES, InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 _TENSOR = {
     "type": "object",
     "required": ["name", "datatype", "shape"],
@@ -67,30 +65,6 @@ INFER_BODY: dict[str, Any] = {
 }
 
 
-def bearer_token(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    return value[7:].strip() if value.lower().startswith("bearer ") else None
-
-
-def request_deadline(request: Request, parameters: dict[str, Any], default_s: float) -> float | None:
-    """Absolute monotonic deadline from the v2 ``timeout`` parameter (µs), the timeout header (ms) or the default."""
-    seconds: float | None = None
-    try:
-        if "timeout" in parameters:
-            if isinstance(parameters["timeout"], bool):
-                raise TypeError("true/false is not a number of microseconds")
-            seconds = float(parameters["timeout"]) / 1e6
-        elif TIMEOUT_HEADER in request.headers:
-            seconds = float(request.headers[TIMEOUT_HEADER]) / 1e3
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"invalid timeout: {exc}") from exc
-    if seconds is None and default_s > 0:
-        seconds = default_s
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):  # NaN would corrupt the timer heap
-        raise InvalidInput("timeout must be positive and finite")
-    return None if seconds is None else time.monotonic() + seconds
-
-
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON part of a request and, with the binary extension, the bytes after it."""
     end = len(body)
@@ -112,8 +86,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 def _shape(item: dict[str, Any]) -> list[int]:
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input '{item.get('name')}': shape must be a list of non-negative integers")
+    codec.element_count(shape, name=str(item.get("name")))  # negative dimensions: the codec's message
     return shape
 
 
@@ -122,9 +97,7 @@ def _json_data(item: dict[str, Any], name: str, datatype: str, shape: list[int])
     if data is None:
         raise InvalidInput(f"input '{name}': no data (and no binary_data_size)")
     flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else np.asarray([data], dtype=object)
-    count = int(np.prod(shape)) if shape else 1
-    if flat.size != count:
-        raise InvalidInput(f"input '{name}': {flat.size} elements do not fill shape {shape}")
+    codec.check_element_count(flat.size, shape, name=name)
     if datatype == "BYTES":
         try:
             return [base64.b64decode(str(x), validate=True) for x in flat]
@@ -138,15 +111,14 @@ def _json_data(item: dict[str, Any], name: str, datatype: str, shape: list[int])
 
 def parse_inputs(header: dict[str, Any], binary: bytes) -> list[InferInput]:
     items = header.get("inputs")
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list):  # an empty list is the data plane's to refuse, as over gRPC
         raise InvalidInput("request has no 'inputs' list")
     inputs, offset = [], 0
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each input needs a 'name'")
         name, datatype, shape = item["name"], str(item.get("datatype", "")), _shape(item)
-        if datatype != "BYTES" and datatype not in NUMPY_DTYPES:
-            raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
+        codec.check_datatype(datatype, name=name)
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -175,10 +147,7 @@ def parse_outputs(header: dict[str, Any]) -> list[RequestedOutput] | None:
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
-        k = params.get("classification", 0)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InvalidInput(f"output '{item['name']}': classification must be a non-negative integer")
-        outputs.append(RequestedOutput(item["name"], k, dict(params)))
+        outputs.append(RequestedOutput(item["name"], rules.classification(params, item["name"]), dict(params)))
     return outputs
 
 
@@ -227,6 +196,8 @@ def build_router(plane: DataPlane) -> APIRouter:
     async def ready() -> Response:
         return Response(status_code=200 if await plane.ready() else 503)
 
+    _add_model_list(router, plane)
+
     @router.get("/v2/models/{model}")
     async def model_metadata(model: str) -> dict[str, Any]:
         return _metadata_json(await plane.model_metadata(model))
@@ -254,6 +225,15 @@ def build_router(plane: DataPlane) -> APIRouter:
     return router
 
 
+def _add_model_list(router: APIRouter, plane: DataPlane) -> None:
+    @router.get("/v2/models")
+    async def model_names(request: Request) -> dict[str, list[str]]:
+        """KServe's list of models: every model the server knows, in any state (the page at / starts here);
+        behind the inference token when one is set, so names cannot be listed without it."""
+        plane.check_inference_token(bearer_token(request))
+        return {"models": sorted({row.name for row in await plane.repository_index()})}
+
+
 def _ready_response(ready: bool) -> Response:
     if not ready:
         raise ModelNotReady("model is not ready")
@@ -269,6 +249,7 @@ def _metadata_json(meta: Any) -> dict[str, Any]:
 
 async def _infer(plane: DataPlane, request: Request, model: str, version: str | None) -> Response:
     plane.check_inference_token(bearer_token(request))
+    plane.check_admission(model, version, protocol="http_v2")  # a flood is refused before its body is read
     body = await read_body(request, plane.settings.max_payload_bytes)
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     params = header.get("parameters") or {}
@@ -286,19 +267,3 @@ async def _infer(plane: DataPlane, request: Request, model: str, version: str | 
     )
     response = await plane.infer(infer_request)
     return encode_response(response, binary_default=bool(params.get("binary_data_output", False)))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    from service.errors import PayloadTooLarge
-
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

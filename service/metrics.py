@@ -91,10 +91,35 @@ MODEL_READY = Gauge(
     _MODEL,
     registry=REGISTRY,
 )
+# load/reload: a version read, verified, checked and warmed up (failure: it stays or becomes UNAVAILABLE);
+# unload: a version drained and released; default: a version became the one unversioned requests get.
+TRANSITIONS_KINDS = ("load", "reload", "unload", "default")
+MODEL_TRANSITIONS = Counter(
+    "inference_model_transitions",
+    "Model version lifecycle transitions (" + ", ".join(TRANSITIONS_KINDS) + ") by outcome: success, failure.",
+    (*_MODEL, "transition", "outcome"),
+    registry=REGISTRY,
+)
 GPU_MEMORY_BYTES = Gauge(
     "inference_gpu_memory_bytes",
     "GPU memory held by this process's PyTorch allocator.",
     ("device",),
+    registry=REGISTRY,
+)
+
+# max_connections: refused when accepted; header_timeout / body_timeout: closed, a request's head or body too slow;
+# max_concurrent_rpcs: a gRPC call refused (RESOURCE_EXHAUSTED) while the cap's calls are in progress.
+CONNECTION_REFUSALS = ("max_connections", "header_timeout", "body_timeout", "max_concurrent_rpcs")
+CONNECTIONS_REFUSED = Counter(
+    "inference_connections_refused",
+    "Connections refused or closed by the server (" + ", ".join(CONNECTION_REFUSALS) + ").",
+    ("protocol", "reason"),
+    registry=REGISTRY,
+)
+CONNECTIONS_OPEN = Gauge(
+    "inference_connections_open",
+    "Client connections open now.",
+    ("protocol",),
     registry=REGISTRY,
 )
 
@@ -130,7 +155,10 @@ def update_gpu_memory() -> None:
     Never imports torch itself: an ONNX-only server must not pay for it.
     """
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    # Another thread may be importing torch right now (the first explanation does): the module is in
+    # sys.modules before its attributes are. Report nothing until it is whole, rather than fail the scrape.
+    is_available = getattr(getattr(torch, "cuda", None), "is_available", None)
+    if torch is None or is_available is None or not is_available():
         return
     for index in range(torch.cuda.device_count()):
         # Reserved, not allocated: what the caching allocator holds is what the device has lost.

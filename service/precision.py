@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from service import registry
-from service.backends import Backend, LoadOptions, _only_torch_reaches_gpu, installed, load_backend
+from service.backends import Backend, LoadOptions, _only_torch_reaches_gpu, installed, load_backend, not_installed
 from service.errors import PackageError
 from service.manifest import Manifest
 from service.parity import ParitySet, load_parity, parity_failure
@@ -241,10 +241,7 @@ def _missing(manifest: Manifest, names: list[str], precision: str) -> str:
         files = ", ".join(sorted(registry.FORMAT_FILES[str(fmt)] for fmt in formats))
         hint = " (finetune --int8 true, or finetune quantize PACKAGE)" if precision == "int8" else ""
         return f"the package has no {files}{hint}"
-    engines = [
-        registry.backend_spec(n).package for n in names if registry.backend_spec(n).format_for(precision) in present
-    ]
-    return f"{' or '.join(engines)} is not installed"
+    return "; ".join(not_installed(n) for n in names if registry.backend_spec(n).format_for(precision) in present)
 
 
 def _best(

@@ -18,8 +18,10 @@ import yaml
 
 from service.registry import BACKEND_CHOICES as BACKENDS
 from service.registry import PRECISION_CHOICES as PRECISIONS
+from service.versions import parse_version_policy
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 ENV_PREFIX = "SERVE_"
 
 
@@ -28,6 +30,9 @@ class Settings:
     """Everything ``serve`` can be told. Defaults are safe: loopback only, management off."""
 
     model_store: Path = Path("model_store")
+    model_control: str = "none"  # none: load the store at start; poll: follow it; explicit: the management API
+    poll_interval_s: float = 5.0  # poll mode: seconds between rescans of the store
+    version_policy: str = "all"  # which versions of each model are served: all, latest:N, specific:V[,V...]
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -40,6 +45,8 @@ class Settings:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0  # Triton-style: batch what is already queued, wait no longer
     max_queue_size: int = 64  # per model version; beyond it requests are refused (429)
+    max_queue_wait_ms: float = 350.0  # refuse (429) what could not be answered within this; 0: length bound only
+    refusal_pause_ms: float = 250.0  # HTTP: a connection refused 429 is not read again for this long
     model_instances: int = 1  # batches computed concurrently per model version
     decode_workers: int = 4  # threads decoding and preprocessing images beside compute
     intra_op_threads: int = 0  # 0: the backend's default
@@ -53,8 +60,15 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     drain_timeout_s: float = 30.0
+    drain_grace_s: float = 5.0  # SIGTERM: not ready but still serving this long, so load balancers notice
+    max_connections: int = 1000  # per listener (HTTP, gRPC); beyond it new connections are refused
+    grpc_max_concurrent_rpcs: int = 1000  # beyond it gRPC answers RESOURCE_EXHAUSTED
+    keep_alive_timeout_s: int = 5  # HTTP: an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # HTTP: a request head must arrive within this (slowloris)
+    body_timeout_s: float = 60.0  # HTTP: a request body must arrive within this of its head
     event_loop: str = "auto"  # auto: uvloop when installed, else asyncio's own
     default_top_k: int = 5  # TorchServe-style answers: this many labels
+    ui: bool = True  # the page at / (service.http_ui): try a model in a browser, watch the server
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -66,6 +80,12 @@ class Settings:
         _check_choices("precision", self.precision, self.model_precisions, PRECISIONS)
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.model_instances < 1:
             raise ValueError("max_batch_size, max_queue_size and model_instances must be at least 1")
+        for name in ("max_queue_wait_ms", "refusal_pause_ms"):
+            value = getattr(self, name)
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        _check_model_control(self)
+        _check_connections(self)
         if self.enable_management and not self.management_token:
             raise ValueError("enable_management needs a management_token (SERVE_MANAGEMENT_TOKEN)")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -87,6 +107,28 @@ class Settings:
         for secret in ("management_token", "inference_token"):
             data[secret] = "***" if data[secret] else ""
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _check_model_control(settings: Settings) -> None:
+    """Model control settings; ``explicit`` turns the management API on (it then needs its token)."""
+    if settings.model_control not in MODEL_CONTROL_MODES:
+        raise ValueError(f"model_control={settings.model_control!r} is not one of {', '.join(MODEL_CONTROL_MODES)}")
+    if not settings.poll_interval_s > 0 or settings.poll_interval_s == float("inf"):
+        raise ValueError(f"poll_interval_s must be a number of seconds > 0, got {settings.poll_interval_s}")
+    parse_version_policy(settings.version_policy)
+    if settings.model_control == "explicit":
+        object.__setattr__(settings, "enable_management", True)  # frozen: set once, while being built
+
+
+def _check_connections(settings: Settings) -> None:
+    """Drain and connection bounds: counts at least 1, times finite and >= 0 (the read timeouts > 0)."""
+    if settings.max_connections < 1 or settings.grpc_max_concurrent_rpcs < 1:
+        raise ValueError("max_connections and grpc_max_concurrent_rpcs must be at least 1")
+    for name in ("drain_timeout_s", "drain_grace_s", "keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+        value = getattr(settings, name)
+        least = 0.001 if name in ("header_timeout_s", "body_timeout_s") else 0
+        if not least <= value < float("inf"):
+            raise ValueError(f"{name} must be a number of seconds >= {least:g}, got {value}")
 
 
 def _check_choices(name: str, value: str, per_model: Mapping[str, str], choices: tuple[str, ...]) -> None:

@@ -112,6 +112,13 @@ class ModelMetadata:
     precision_notes: str = ""  # how the backend and precision were chosen: what was ruled out, the timings
     task: str = ""  # multiclass, multilabel or binary (service.tasks)
     thresholds: list[float] = field(default_factory=list)  # multilabel: per label; binary: the positive label's
+    default_version: str = ""  # the version unversioned requests get ("" when none is ready)
+    pinned_version: str = ""  # the pin (management API or <model>/DEFAULT); it wins while it is READY
+    version_states: list[ModelStatus] = field(default_factory=list)  # every version: LOADING, READY, ...
+    backbone: str = ""  # what the package was fine-tuned from (service.model_summary)
+    metrics: dict[str, Any] = field(default_factory=dict)  # {"test": {...}}: the run's test metrics
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the eval preprocessing: resize, crop, ...
+    explainable: bool = False  # carries a Grad-CAM module: POST /explanations/... answers
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ def start_server(store: Path, log: Path, *extra: str, env: dict[str, str] | None
     http_port, grpc_port = free_port(), free_port()
     if not any(arg.startswith("--precision") for arg in extra) and "SERVE_PRECISION" not in (env or {}):
         extra = ("--precision", "fp32", *extra)
+    env = {"SERVE_DRAIN_GRACE_S": "0", **(env or {})}  # stop at once unless a test is about the grace period
     cmd = [
         str(BIN / "serve"),
         "--model-store",

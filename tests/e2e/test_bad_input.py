@@ -261,16 +261,17 @@ HTTP_V2_CASES: dict[str, tuple[Callable[[bytes], Any], dict[str, str], str]] = {
     "not-utf8": (lambda g: b"\xff\xfe\x00", {}, "not valid JSON"),
     "json-array": (lambda g: b"[1, 2]", {}, "must be a JSON object"),
     "empty-body": (lambda g: b"", {}, "not valid JSON"),
-    "no-inputs": (lambda g: {"inputs": []}, {}, "no 'inputs'"),
+    "no-inputs": (lambda g: {"inputs": []}, {}, "exactly one input"),
+    "input-name": (lambda g: _image_request(g, tensor={"name": "nope"}), {}, "unknown input 'nope'"),
     "two-inputs": (lambda g: {"inputs": [_image_tensor(g), _image_tensor(g)]}, {}, "exactly one input"),
-    "shape-too-big": (lambda g: _image_request(g, tensor={"shape": [2]}), {}, "do not fill shape"),
+    "shape-too-big": (lambda g: _image_request(g, tensor={"shape": [2]}), {}, r"1 elements for shape \[2\]"),
     "shape-negative": (lambda g: _image_request(g, tensor={"shape": [-1]}), {}, "shape"),
     "shape-not-a-list": (lambda g: _image_request(g, tensor={"shape": "1"}), {}, "shape"),
     "unknown-datatype": (lambda g: _image_request(g, tensor={"datatype": "FP8"}), {}, "unknown datatype"),
     "image-as-fp32": (lambda g: _image_request(g, tensor={"datatype": "FP32"}), {}, "not FP32"),
     "int32-tensor": (lambda g: _fp32_request([1, 3, 160, 160], FULL, "INT32"), {}, "INT32 not supported"),
     "fp32-wrong-shape": (lambda g: _fp32_request([1, 3, 8, 8], 192), {}, "does not match"),
-    "fp32-element-count": (lambda g: _fp32_request([1, 3, 160, 160], 10), {}, "do not fill"),
+    "fp32-element-count": (lambda g: _fp32_request([1, 3, 160, 160], 10), {}, "10 elements for shape"),
     "fp32-nan": (lambda g: NAN_JSON, {}, "NaN or infinity"),
     "bytes-not-base64": (lambda g: _image_request(g, tensor={"data": ["%%%"]}), {}, "base64"),
     "no-data": (lambda g: _image_request(g, tensor={"data": None}), {}, "no data"),
@@ -291,8 +292,8 @@ HTTP_V2_CASES: dict[str, tuple[Callable[[bytes], Any], dict[str, str], str]] = {
         "'parameters' must be an object",
     ),
     "timeout-not-a-number": (lambda g: _image_request(g, parameters={"timeout": "abc"}), {}, "invalid timeout"),
-    "timeout-negative": (lambda g: _image_request(g, parameters={"timeout": -5}), {}, "timeout must be positive"),
-    "timeout-header-nan": (lambda g: _image_request(g), {"X-Request-Timeout-Ms": "nan"}, "timeout must be positive"),
+    "timeout-negative": (lambda g: _image_request(g, parameters={"timeout": -5}), {}, "'timeout' must be a positive"),
+    "timeout-header-nan": (lambda g: _image_request(g), {"X-Request-Timeout-Ms": "nan"}, "Ms must be a positive"),
     "parameters-not-an-object": (lambda g: _image_request(g, parameters=[1]), {}, "'parameters' must be an object"),
     "header-length-not-a-number": (lambda g: _image_request(g), {LENGTH: "ten"}, "not an integer"),
     "header-length-past-the-end": (lambda g: _image_request(g), {LENGTH: "99999"}, "but the body has"),
@@ -358,6 +359,11 @@ def _with_request_parameter(request: Any, key: str, value: str) -> Any:
     return request
 
 
+def _renamed(request: Any, name: str) -> Any:
+    request.inputs[0].name = name
+    return request
+
+
 def _fp32_raw(shape: list[int], raw: bytes) -> Any:
     messages = load_v2().messages
     request = messages.ModelInferRequest(model_name="demo", raw_input_contents=[raw])
@@ -368,7 +374,7 @@ def _fp32_raw(shape: list[int], raw: bytes) -> Any:
 GRPC_V2_CASES: dict[str, tuple[Callable[[bytes], Any], str]] = {
     "shape-too-big": (lambda g: _grpc_request(g, shape=(2,)), "1 elements for shape"),
     "shape-negative": (lambda g: _grpc_request(g, shape=(-1,)), "non-negative"),
-    "unknown-datatype": (lambda g: _grpc_request(g, datatype="FP8"), "unsupported datatype"),
+    "unknown-datatype": (lambda g: _grpc_request(g, datatype="FP8"), "unknown datatype"),
     "image-as-fp32": (lambda g: _grpc_request(g, datatype="FP32"), "elements for shape"),
     "fp32-raw-size": (lambda g: _fp32_raw([1, 3, 160, 160], b"\0" * 7), "7 bytes of raw data"),
     "fp32-wrong-shape": (lambda g: _fp32_raw([1, 3, 8, 8], b"\0" * 768), "does not match"),
@@ -388,9 +394,10 @@ GRPC_V2_CASES: dict[str, tuple[Callable[[bytes], Any], str]] = {
     ),
     "timeout-not-a-number": (
         lambda g: _with_request_parameter(_grpc_request(g), "timeout", "abc"),
-        "'timeout' must be a positive integer",
+        "'timeout' must be a positive number",
     ),
     "unknown-output": (lambda g: _with_output(_grpc_request(g), "x"), "unknown output 'x'"),
+    "input-name": (lambda g: _renamed(_grpc_request(g), "nope"), "unknown input 'nope'"),
 }
 
 
@@ -417,7 +424,18 @@ def test_torchserve_grpc_request_without_an_image(endpoint: Endpoint) -> None:
     messages = load_torchserve().messages
     _, error = grpc_call(endpoint, "torchserve", "Predictions", messages.PredictionsRequest(model_name="demo"))
     assert error is not None and error.code().name == "INVALID_ARGUMENT"
-    assert "send the image as input 'data'" in (error.details() or "")
+    assert "send one image as the raw request body or as a multipart/gRPC field named 'data'" in (error.details() or "")
+
+
+def test_a_body_far_over_the_cap_gets_a_readable_413(endpoint: Endpoint) -> None:
+    """80 MB against a 2 MB cap: the server drains the body, so the client reads the 413 (no reset)."""
+    body, step = b"\0" * 80_000_000, 1 << 20
+    pattern = rf"request body (of 80000000 bytes )?is over the limit of {PAYLOAD_CAP}"
+    for path, key in (("/predictions/demo", "message"), ("/v2/models/demo/infer", "error")):
+        for content in (body, (body[i : i + step] for i in range(0, len(body), step))):  # sized, then chunked
+            response = httpx.post(f"{endpoint.url}{path}", content=content, timeout=60)
+            assert response.status_code == 413, response.text
+            assert re.search(pattern, response.json()[key]), response.text
 
 
 # ---- and after all of that ----------------------------------------------------------------------------

@@ -41,6 +41,10 @@ def test_compare_two_backbones(tmp_path: Path, capsys: pytest.CaptureFixture[str
     markdown = (out_dir / "comparison.md").read_text(encoding="utf-8")
     assert all(header in markdown for header in COLUMNS.values())
     assert (out_dir / "comparison.png").stat().st_size > 1000
+    page = (out_dir / "report.html").read_text(encoding="utf-8")  # the plot embedded, a link to each run's page
+    assert "data:image/png;base64," in page and all(header in page for header in ("GFLOPs", "test accuracy"))
+    for backbone in ("resnet18", "mobilenet_v3_small"):
+        assert f'href="{backbone}/report.html"' in page and (out_dir / backbone / "report.html").is_file()
     assert (out_dir / "resnet18" / "splits" / "test.txt").read_text() == (
         out_dir / "mobilenet_v3_small" / "splits" / "test.txt"
     ).read_text()  # same split for every backbone

@@ -74,7 +74,7 @@ async def _send_until_exit(server: Server, senders: list[Send]) -> list[Result |
 def test_sigterm_under_load_loses_no_accepted_request(demo_package: Package, tmp_path: Path) -> None:
     path, label = sorted(demo_package.predictions.items())[0]
     log = tmp_path / "serve.log"
-    flags = ["--max-batch-size", "1", "--intra-op-threads", "1", "--max-queue-size", "64"]
+    flags = ["--max-batch-size", "1", "--intra-op-threads", "1", "--max-queue-size", "64", "--max-queue-wait-ms", "0"]
     server = start_server(demo_package.store, log, *flags)
     try:
         assert httpx.post(f"{server.url}/predictions/demo", content=path.read_bytes(), timeout=60).status_code == 200

@@ -188,7 +188,8 @@ def keep_sending(server: Server, images: list[Path], stop: threading.Event) -> N
 
 def healthcheck_command() -> list[str]:
     instructions = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
-    (check,) = [i.args for i in instructions if i.keyword == "HEALTHCHECK"]
+    # serve's; serve-cpu's runs the same command (tests/unit/test_dockerfile.py checks that)
+    (check,) = [i.args for i in instructions if i.keyword == "HEALTHCHECK" and i.stage == "serve"]
     command = json.loads(check[check.index(" CMD ") + len(" CMD ") :])
     assert command[0] == "python"
     return [sys.executable, *command[1:]]

@@ -70,3 +70,4 @@ def test_a_tiny_run_trains_tests_and_publishes_a_binary_model(tmp_path: Path) ->
     manifest = load_manifest(result.package_dir)
     assert manifest.task == "binary" and manifest.labels == ("no", "yes") and manifest.outputs[0].shape == (-1, 1)
     assert "ROC AUC" in result.summary() and (result.run_dir / "report.md").is_file()
+    assert (result.run_dir / "report.html").is_file()  # finetune.report_html, binary metrics included

@@ -356,3 +356,31 @@ def test_the_onnx_archive_carries_int8_and_the_handler_serves_it(package: TinyPa
     assert "model.int8.onnx" not in names and "parity_logits.npy" in names
     with pytest.raises(ArchiveError, match="precision 'fp16' is not one of auto, fp32, bf16, int8"):
         build_mar(folder, out_dir=tmp_path / "ts", precision="fp16")
+
+
+def test_the_archive_refuses_a_shipped_module_or_handler_importing_an_unshipped_one(tmp_path: Path) -> None:
+    shared = tmp_path / "service"
+    shared.mkdir()
+    (shared / "rules.py").write_text("import numpy\n", encoding="utf-8")
+    (shared / "tasks.py").write_text(
+        "from service import rules\nfrom service.rules import deadline\n", encoding="utf-8"
+    )
+    handler = tmp_path / "ts_handler.py"
+    handler.write_text("from service.tasks import make_task\n", encoding="utf-8")
+    torchserve._check_closed(shared, handler)  # closed: every service import is shipped
+
+    (shared / "tasks.py").write_text("from service.admission import Ewma\n", encoding="utf-8")
+    with pytest.raises(torchserve.ArchiveError, match=r"service/tasks\.py imports \['service\.admission'\]"):
+        torchserve._check_closed(shared, handler)
+    (shared / "tasks.py").write_text("import service.rules\n", encoding="utf-8")
+    handler.write_text("import service.http_gate as gate\n", encoding="utf-8")
+    with pytest.raises(torchserve.ArchiveError, match=r"^ts_handler\.py imports \['service\.http_gate'\]"):
+        torchserve._check_closed(shared, handler)
+
+
+def test_the_shipped_modules_of_this_checkout_are_closed(tmp_path: Path) -> None:
+    shared = tmp_path / "service"
+    shared.mkdir()
+    for module in torchserve.SHARED_MODULES:
+        (shared / module).write_bytes((torchserve.SERVICE_DIR / module).read_bytes())
+    torchserve._check_closed(shared, torchserve.HANDLER)

@@ -226,3 +226,27 @@ assert backend.name == "onnxruntime", backend.name
 assert "torch" not in sys.modules, "torch was imported"
 """
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120)
+
+
+def test_without_torch_a_torchscript_package_is_refused_naming_the_image_to_use(
+    package: Package, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slim CPU image (serve-cpu) has no torch: a TorchScript-only package must say where it runs.
+
+    ``sys.modules["torch"] = None`` is what a missing torch looks like to both seams: the registry's
+    ``installed`` check (find_spec answers None) and the loader's import (ImportError).
+    """
+    from service import precision
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert not backends.installed("torchscript") and backends.installed("onnxruntime")
+    only_ts = dataclasses.replace(package.manifest, formats={"torchscript": "model.pt"})
+    for attempt in (
+        lambda: choose_backend(only_ts, "auto"),
+        lambda: choose_backend(package.manifest, "torchscript"),
+        lambda: precision.select(package.folder, only_ts, device="cpu"),  # what the server runs at load
+    ):
+        with pytest.raises(PackageError, match=r"torchscript needs torch, which is not installed") as refused:
+            attempt()
+        assert "imgclf-cpu" in str(refused.value) and "the `serve` image" in str(refused.value)
+    assert choose_backend(package.manifest, "auto") == "onnxruntime"  # ONNX still served

@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
 import pytest
 
+from service import batcher as batcher_module
 from service import metrics
 from service.batcher import Batcher, BatcherConfig
 from service.errors import DeadlineExceeded, InternalError, ModelNotReady, QueueFull, ServiceError, ShuttingDown
@@ -312,3 +314,28 @@ def test_unstarted_batcher_and_bad_config_are_refused() -> None:
         BatcherConfig(max_batch_size=0)
     with pytest.raises(ValueError):
         BatcherConfig(max_queue_delay_s=-1)
+
+
+def test_work_ahead_and_the_measured_compute_time_per_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What admission reads: images queued and computing, and an EWMA of seconds per image (a fake clock)."""
+    ticks = iter(range(1000))
+    fake_time = types.SimpleNamespace(monotonic=time.monotonic, perf_counter=lambda: 0.1 * next(ticks))
+    monkeypatch.setattr(batcher_module, "time", fake_time)  # every batch takes 0.1 s of this clock
+    model = Model(hold_first=True)
+
+    async def main() -> None:
+        batcher = await _started(model, BatcherConfig(max_batch_size=8), "work-ahead")
+        blocker = await _hold(batcher, model)
+        tasks = [_spawn(batcher, 10, 2), _spawn(batcher, 20, 3)]
+        await _until(lambda: batcher.queue_depth == 2)
+        assert (batcher.queued_images, batcher.computing_images) == (5, 1)
+        assert batcher.compute_per_image.value is None  # nothing measured yet: admission's cold start
+        model.release.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), WAIT_S)
+        assert (batcher.queued_images, batcher.computing_images) == (0, 0)
+        await batcher.stop()
+        # 0.1 s for 1 image, then 0.1 s for 5: 0.1 + 0.2 * (0.02 - 0.1)
+        assert batcher.compute_per_image.value == pytest.approx(0.084)
+
+    _run(main, model)
+    assert model.sizes == [1, 5]

@@ -83,6 +83,10 @@ def test_flags_win_over_the_environment_and_the_config_file(tmp_path: Path, monk
         (["--enable-management"], None, "enable_management needs a management_token"),
         (["--tls-cert", "cert.pem"], None, "TLS needs both tls_cert and tls_key"),
         (["--max-batch-size", "0"], None, "must be at least 1"),
+        (["--drain-grace-s", "-1"], None, "drain_grace_s must be a number of seconds >= 0"),
+        (["--max-connections", "0"], None, "max_connections and grpc_max_concurrent_rpcs must be at least 1"),
+        (["--header-timeout-s", "0"], None, "header_timeout_s must be a number of seconds >= 0.001"),
+        (["--body-timeout-s", "inf"], None, "body_timeout_s must be a number of seconds"),
         ([], "nope: 1\n", "unknown settings: nope"),
         ([], "- a list\n", "expected a mapping"),
         (["--config", "absent.yaml"], None, "No such file"),
@@ -107,7 +111,7 @@ def test_a_bad_environment_value_exits_2(monkeypatch: pytest.MonkeyPatch, capsys
     assert "unknown settings: bogus" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--http-port"], ["--enable-management=yes"]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--http-port"], ["--no-enable-management=yes"]])
 def test_argparse_refusals_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         run(argv)
@@ -141,3 +145,19 @@ def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytes
     assert loop_factory("auto") is None
     with pytest.raises(OSError, match="event_loop=uvloop but uvloop is not installed"):
         loop_factory("uvloop")
+
+
+@pytest.mark.parametrize(
+    ("argv", "ui"),
+    [((), True), (("--ui",), True), (("--no-ui",), False), (("--ui", "false"), False), (("--ui", "on"), True)],
+)
+def test_boolean_flags_take_an_optional_value(argv: tuple[str, ...], ui: bool) -> None:
+    assert resolve_settings(_parse(*argv)).ui is ui
+
+
+def test_a_boolean_flag_refuses_a_value_it_cannot_read(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="ui: expected true/false"):
+        resolve_settings(_parse("--ui", "maybe"))
+    with pytest.raises(SystemExit):
+        _parse("--no-ui", "true")
+    assert "--no-ui takes no value" in capsys.readouterr().err

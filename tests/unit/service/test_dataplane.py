@@ -176,7 +176,7 @@ def _inf_batch() -> np.ndarray:
         ),
         (
             InferRequest("tiny", [InferInput("input", "INT64", [1, 3, 32, 32], np.zeros((1, 3, 32, 32), np.int64))]),
-            "input 'input': datatype INT64 not supported; send BYTES or FP32",
+            "input 'input': datatype INT64 not supported; send FP32",
         ),
         (
             InferRequest(

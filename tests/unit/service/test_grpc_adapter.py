@@ -344,6 +344,27 @@ def test_service_errors_map_to_status_codes(
     assert fragment in str(caught.value.message())
 
 
+def test_a_full_queue_carries_a_retry_pushback(channel: grpc.Channel) -> None:
+    v2 = protos.load_v2()
+    request = v2.messages.ModelInferRequest(model_name="busy")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(_png((1, 2, 3)))
+    with pytest.raises(grpc.RpcError) as caught:
+        v2.services.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(caught.value.trailing_metadata() or ())
+
+
+def test_deadline_metadata_and_parameter_forms(client: triton.InferenceServerClient, plane: MiniPlane) -> None:
+    before = time.monotonic()
+    client.infer("mini", [_image_input()], headers={"x-request-timeout-ms": "1500"}, client_timeout=30.0)
+    deadline = plane.requests[-1].deadline
+    assert deadline is not None and before + 1 < deadline <= time.monotonic() + 1.5  # the earliest limit
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("mini", [_image_input()], headers={"x-request-timeout-ms": "soon"})
+    assert _status(caught) == "StatusCode.INVALID_ARGUMENT"
+    assert "invalid timeout: header X-Request-Timeout-Ms" in str(caught.value.message())
+
+
 def test_unexpected_errors_are_internal_without_details(
     client: triton.InferenceServerClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -448,7 +469,7 @@ def test_torchserve_ping(torchserve: tuple[Any, Any], plane: MiniPlane) -> None:
     assert json.loads(stub.Ping(empty_pb2.Empty()).health) == {"status": "Unhealthy"}
 
 
-@pytest.mark.parametrize("key", ["data", "body", "image"])
+@pytest.mark.parametrize("key", ["data", "body"])
 def test_torchserve_predictions(torchserve: tuple[Any, Any], plane: MiniPlane, key: str) -> None:
     stub, messages = torchserve
     response = stub.Predictions(messages.PredictionsRequest(model_name="mini", input={key: _png((0, 0, 255))}))
@@ -465,6 +486,14 @@ def test_torchserve_predictions_errors(torchserve: tuple[Any, Any], plane: MiniP
         (messages.PredictionsRequest(model_name="nope", input={"data": _png((0, 0, 0))}), grpc.StatusCode.NOT_FOUND),
         (
             messages.PredictionsRequest(model_name="mini", input={"a": b"1", "b": b"2"}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (  # the image rule is never guessed: not the only field, not both (service.rules.image_field)
+            messages.PredictionsRequest(model_name="mini", input={"image": _png((0, 0, 0))}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            messages.PredictionsRequest(model_name="mini", input={"data": b"1", "body": b"2"}),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (messages.PredictionsRequest(input={"data": _png((0, 0, 0))}), grpc.StatusCode.INVALID_ARGUMENT),

@@ -1,51 +1,22 @@
-"""The v2 HTTP adapter's pure conversions: body splitting, input/output parsing, deadlines, encoding.
+"""The v2 HTTP adapter's pure conversions: body splitting, input/output parsing, encoding.
 
-No app and no model: Starlette ``Request`` objects are built from bare ASGI scopes.
+No app and no model. The token, body and deadline helpers are tested in ``test_http_common.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from starlette.requests import Request
 
 from service.codec import serialize_bytes_tensor
-from service.errors import InvalidInput, PayloadTooLarge
-from service.http_v2 import (
-    HEADER_LENGTH,
-    bearer_token,
-    encode_response,
-    parse_inputs,
-    parse_outputs,
-    read_body,
-    request_deadline,
-    split_body,
-)
+from service.errors import InvalidInput
+from service.http_v2 import HEADER_LENGTH, encode_response, parse_inputs, parse_outputs, split_body
 from service.types import InferOutput, InferResponse, RequestedOutput
-
-
-def _request(headers: dict[str, str] | None = None, chunks: Iterable[bytes] = ()) -> Request:
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v2/models/m/infer",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-    }
-    messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
-    messages.append({"type": "http.request", "body": b"", "more_body": False})
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0)
-
-    return Request(scope, receive)
 
 
 # ---- split_body -------------------------------------------------------------------------------
@@ -112,9 +83,11 @@ def test_json_bytes_inputs_are_base64() -> None:
         ({"datatype": "FP32", "shape": [2], "data": [1.0, "x"]}, "data is not FP32"),
         ({"datatype": "INT8", "shape": [1], "data": [300]}, "data is not INT8"),
         ({"datatype": "FP32", "shape": [2], "data": [[1.0], [2.0, 3.0]]}, r"input 'in'"),
-        ({"datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]}, r"3 elements do not fill shape \[2, 2\]"),
+        ({"datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]}, r"3 elements for shape \[2, 2\] \(4\)"),
+        ({"datatype": "FP32", "shape": [2], "data": [1, 2, 3]}, r"more than the 2 elements its shape \[2\] holds"),
         ({"datatype": "FP32", "shape": [1]}, r"no data \(and no binary_data_size\)"),
-        ({"datatype": "FP32", "shape": [-1, 3], "data": [1, 2, 3]}, "shape must be a list of non-negative integers"),
+        ({"datatype": "FP32", "shape": [-1, 3], "data": [1, 2, 3]}, r"shape \[-1, 3\] must be non-negative integers"),
+        ({"datatype": "FP32", "shape": [True], "data": [1]}, "shape must be a list of non-negative integers"),
         ({"datatype": "FP32", "shape": "3", "data": [1, 2, 3]}, "shape must be a list of non-negative integers"),
         ({"datatype": "FP32", "shape": [1.5], "data": [1]}, "shape must be a list of non-negative integers"),
         ({"datatype": "FP32", "data": [1]}, "shape must be a list of non-negative integers"),
@@ -130,11 +103,15 @@ def test_json_input_refusals_name_the_input(item: dict[str, Any], message: str) 
 
 @pytest.mark.parametrize(
     "header",
-    [{}, {"inputs": []}, {"inputs": {"name": "x"}}, {"inputs": "x"}],
+    [{}, {"inputs": {"name": "x"}}, {"inputs": "x"}],
 )
 def test_a_request_without_inputs_is_refused(header: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput, match="request has no 'inputs' list"):
         parse_inputs(header, b"")
+
+
+def test_an_empty_inputs_list_is_left_to_the_data_plane() -> None:
+    assert parse_inputs({"inputs": []}, b"") == []  # refused there, with the message gRPC gets too
 
 
 @pytest.mark.parametrize("item", [{"datatype": "FP32"}, {"name": 3}, "x"])
@@ -206,7 +183,7 @@ def test_binary_data_with_only_json_inputs_is_unclaimed() -> None:
 def test_binary_bytes_refusals_come_from_the_codec() -> None:
     blob = serialize_bytes_tensor([b"a", b"b"])
     header = {"inputs": [{"name": "img", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": 10}}]}
-    with pytest.raises(InvalidInput, match=r"input 'img': 2 BYTES elements for shape \[3\]"):
+    with pytest.raises(InvalidInput, match=r"input 'img': 2 elements for shape \[3\] \(3\)"):
         parse_inputs(header, blob)
     header["inputs"][0]["parameters"]["binary_data_size"] = 9
     with pytest.raises(InvalidInput, match="input 'img': BYTES element 1 declares 1 bytes, 0 remain"):
@@ -256,82 +233,6 @@ def test_parse_outputs_refusals(outputs: Any, message: str) -> None:
 def test_output_parameters_that_are_not_an_object_are_invalid_input(parameters: Any) -> None:
     with pytest.raises(InvalidInput, match="output 'logits': 'parameters' must be an object"):
         parse_outputs({"outputs": [{"name": "logits", "parameters": parameters}]})
-
-
-# ---- request_deadline -------------------------------------------------------------------------
-def _seconds_left(deadline: float | None) -> float:
-    assert deadline is not None
-    return deadline - time.monotonic()
-
-
-def test_the_timeout_parameter_is_in_microseconds() -> None:
-    left = _seconds_left(request_deadline(_request({"X-Request-Timeout-Ms": "1"}), {"timeout": 2_000_000}, 9.0))
-    assert 1.5 < left <= 2.0  # the parameter wins over the header and the default
-
-
-def test_the_timeout_header_is_in_milliseconds() -> None:
-    assert 0.1 < _seconds_left(request_deadline(_request({"X-Request-Timeout-Ms": "250"}), {}, 9.0)) <= 0.25
-
-
-def test_the_default_applies_only_when_the_request_has_no_timeout() -> None:
-    assert 2.5 < _seconds_left(request_deadline(_request(), {}, 3.0)) <= 3.0
-    assert request_deadline(_request(), {}, 0.0) is None
-    assert request_deadline(_request(), {"other": 1}, 0.0) is None
-
-
-@pytest.mark.parametrize(
-    ("headers", "parameters", "message"),
-    [
-        ({}, {"timeout": "soon"}, "invalid timeout"),
-        ({}, {"timeout": None}, "invalid timeout"),
-        ({}, {"timeout": [1]}, "invalid timeout"),
-        ({"X-Request-Timeout-Ms": "abc"}, {}, "invalid timeout"),
-        ({}, {"timeout": 0}, "timeout must be positive"),
-        ({}, {"timeout": -5}, "timeout must be positive"),
-        ({"X-Request-Timeout-Ms": "-1"}, {}, "timeout must be positive"),
-        ({"X-Request-Timeout-Ms": "0"}, {}, "timeout must be positive"),
-    ],
-)
-def test_invalid_timeouts(headers: dict[str, str], parameters: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        request_deadline(_request(headers), parameters, 3.0)
-
-
-@pytest.mark.parametrize(
-    ("headers", "parameters"),
-    [
-        ({"X-Request-Timeout-Ms": "nan"}, {}),
-        ({"X-Request-Timeout-Ms": "inf"}, {}),
-        ({}, {"timeout": "NaN"}),
-        ({}, {"timeout": True}),
-    ],
-)
-def test_non_finite_or_boolean_timeouts_are_invalid(headers: dict[str, str], parameters: dict[str, Any]) -> None:
-    with pytest.raises(InvalidInput, match="timeout"):
-        request_deadline(_request(headers), parameters, 0.0)
-
-
-# ---- bearer_token and read_body ---------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("value", "token"),
-    [("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("BEARER x.y", "x.y"), ("Basic abc", None), (None, None)],
-)
-def test_bearer_token(value: str | None, token: str | None) -> None:
-    assert bearer_token(_request({} if value is None else {"Authorization": value})) == token
-
-
-def test_read_body_joins_the_chunks_under_the_limit() -> None:
-    assert asyncio.run(read_body(_request(chunks=[b"ab", b"cd"]), 4)) == b"abcd"
-
-
-def test_read_body_refuses_a_declared_length_over_the_limit_before_reading() -> None:
-    with pytest.raises(PayloadTooLarge, match="request body of 5 bytes is over the limit of 4"):
-        asyncio.run(read_body(_request({"Content-Length": "5"}, chunks=[b"abcde"]), 4))
-
-
-def test_read_body_refuses_a_stream_that_grows_past_the_limit() -> None:
-    with pytest.raises(PayloadTooLarge, match="request body is over the limit of 4 bytes"):
-        asyncio.run(read_body(_request(chunks=[b"abc", b"de"]), 4))  # no Content-Length: chunked
 
 
 # ---- encode_response --------------------------------------------------------------------------

@@ -93,3 +93,13 @@ def test_gpu_memory_only_from_an_already_imported_torch(monkeypatch: pytest.Monk
         assert metrics.REGISTRY.get_sample_value("inference_gpu_memory_bytes", {"device": "cuda:0"}) == 4096
     finally:
         metrics.GPU_MEMORY_BYTES.remove("cuda:0")
+
+
+def test_a_scrape_while_torch_is_being_imported_reports_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first explanation imports torch in a thread; a scrape meanwhile finds it in sys.modules without its
+    attributes (a partially initialized module) and must still answer (it failed with a 500 before)."""
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    body, _ = metrics.render()
+    assert b"inference_request_duration_seconds" in body
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=types.ModuleType("torch.cuda")))
+    metrics.update_gpu_memory()  # torch.cuda half made: nothing reported, nothing raised
