@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
-from urllib.parse import unquote
 
 from service import rules
 from service.dataplane import DataPlane
@@ -88,6 +87,7 @@ class AdmissionGate:
         self.pause_s = pause_s
 
     def __call__(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> Refusal | None:
+        """``path`` is percent-decoded, as in the ASGI scope."""
         match = _INFER.match(path) if method in ("POST", "PUT") else None
         if match is None:
             return None
@@ -100,13 +100,10 @@ class AdmissionGate:
         except ServiceError:
             return None  # the application answers these (401, 400) with its usual message
         torchserve = match["ts"] is not None
-        model = unquote(match["ts"] or match["v2"])
-        version = match["ts_version"] or match["v2_version"]
+        model, version = match["ts"] or match["v2"], match["ts_version"] or match["v2_version"]
         protocol = "http_torchserve" if torchserve else "http_v2"
         try:
-            self.plane.check_admission(
-                model, unquote(version) if version else None, deadline=deadline, protocol=protocol
-            )
+            self.plane.check_admission(model, version, deadline=deadline, protocol=protocol)
         except ServiceError as exc:
             return self._refusal(path, exc)
         return None
