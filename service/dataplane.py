@@ -159,7 +159,7 @@ class DataPlane:
             raise
 
     def _check_room(self, entry: ModelEntry, deadline: float | None) -> None:
-        """The admission rule (service.admission): QueueFull unless the model version could start the
+        """The admission rule (service.admission): QueueFull unless the model version could answer the
         request within its budget, judged from the work ahead (being decoded, queued, computing)."""
         assert entry.batcher is not None
         key, batcher, config = (entry.name, entry.version), entry.batcher, entry.batcher.config
