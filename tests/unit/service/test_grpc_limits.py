@@ -38,7 +38,8 @@ def test_calls_beyond_the_cap_are_refused_and_counted_and_the_cap_frees_as_calls
             "Hold": grpc.unary_unary_rpc_method_handler(hold, _same, _same),
             "Echo": grpc.stream_stream_rpc_method_handler(echo_stream, _same, _same),
         }
-        server = grpc.aio.server(interceptors=[ConcurrentRpcCap(2)])
+        cap = ConcurrentRpcCap(2)
+        server = grpc.aio.server(interceptors=[cap])
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -48,7 +49,8 @@ def test_calls_beyond_the_cap_are_refused_and_counted_and_the_cap_frees_as_calls
                 call = channel.unary_unary("/t.T/Hold", _same, _same)
                 stream = channel.stream_stream("/t.T/Echo", _same, _same)
                 held = [asyncio.ensure_future(call(b"a")), asyncio.ensure_future(call(b"b"))]
-                await asyncio.sleep(0.3)  # both in progress: the cap is full
+                while cap.active < 2:  # both in progress: the cap is full
+                    await asyncio.sleep(0.01)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call(b"c")
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
