@@ -92,8 +92,8 @@ def _rpc(handler: Callable[[S, Any, Any], Awaitable[R]]) -> Callable[[S, Any, An
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry, if any."""
     for key, value in metadata or ():
-        if key.lower() == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-            return value[7:].strip()
+        if key.lower() == "authorization" and isinstance(value, str) and (token := rules.bearer(value)) is not None:
+            return token
     return None
 
 

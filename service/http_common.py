@@ -29,13 +29,7 @@ DRAIN_SECONDS = 10.0
 
 def bearer_token(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, if any."""
-    return bearer(request.headers.get("authorization"))
-
-
-def bearer(value: str | None) -> str | None:
-    """The token of an ``Authorization`` header's value ``Bearer <token>``, if it is one."""
-    value = value or ""
-    return value[7:].strip() if value.lower().startswith("bearer ") else None
+    return rules.bearer(request.headers.get("authorization"))
 
 
 def request_deadline(request: Request, parameters: dict[str, Any], default_s: float) -> float | None:

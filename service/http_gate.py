@@ -33,7 +33,6 @@ from typing import Protocol
 from service import rules
 from service.dataplane import DataPlane
 from service.errors import QueueFull, ServiceError
-from service.http_common import bearer
 
 _INFER = re.compile(
     r"^/(?:predictions/(?P<ts>[^/]+)(?:/(?P<ts_version>[^/]+))?"
@@ -93,7 +92,7 @@ class AdmissionGate:
             return None
         found = {name: value for name, value in headers if name in (b"authorization", _TIMEOUT)}
         try:
-            self.plane.check_inference_token(bearer(_text(found.get(b"authorization"))))
+            self.plane.check_inference_token(rules.bearer(_text(found.get(b"authorization"))))
             header = _text(found.get(_TIMEOUT))
             default_s = self.plane.settings.request_timeout_s
             deadline = rules.deadline(parameters={}, header=header, transport_s=None, default_s=default_s)

@@ -44,6 +44,15 @@ class Tensor(Protocol):
     def datatype(self) -> str: ...
 
 
+# ---- credentials --------------------------------------------------------------------------------
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an ``Authorization`` value (HTTP header or gRPC metadata) ``Bearer <token>``, if it is one."""
+    value = value or ""
+    return value[7:].strip() if value[:7].lower() == "bearer " else None
+
+
 # ---- deadlines ----------------------------------------------------------------------------------
 
 
