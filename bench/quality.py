@@ -53,11 +53,14 @@ class Point:
 
 
 def points(*, quick: bool) -> list[Point]:
-    """defaults, the LR grid (plain 10 epochs), random init; ``quick`` forces ``--epochs 1`` onto every one."""
+    """defaults, defaults with weight EMA, the LR grid (plain 10 epochs), random init; ``quick`` forces
+    ``--epochs 1`` onto every one and leaves EMA out (one epoch says nothing about it)."""
     epochs = "1" if quick else str(GRID_EPOCHS)
     one = ("--epochs", "1") if quick else ()
     grid = [Point(f"grid lr={lr}", ("--lr", lr, "--epochs", epochs, "--freeze-epochs", "0")) for lr in GRID_LRS]
-    return [Point(quality_report.DEFAULTS, one), *grid, Point(quality_report.RANDOM_INIT, ("--weights", "none", *one))]
+    ema = [] if quick else [Point(quality_report.DEFAULTS_EMA, ("--ema", "true"))]
+    random_init = Point(quality_report.RANDOM_INIT, ("--weights", "none", *one))
+    return [Point(quality_report.DEFAULTS, one), *ema, *grid, random_init]
 
 
 def finetune_command() -> list[str]:
@@ -68,7 +71,7 @@ def finetune_command() -> list[str]:
 
 
 def command_for(data: quality_data.DataSet, point: Point, work: Path) -> list[str]:
-    name = f"{data.name}-{point.label.replace(' ', '-').replace('=', '')}"
+    name = f"{data.name}-{point.label.replace(' + ', '-').replace(' ', '-').replace('=', '')}"
     common = ["--data", str(data.path), "--img-size", str(data.img_size), "--output-dir", str(work / "runs"),
               "--model-store", str(work / "store"), "--run-name", name, "--name", name,
               "--torchserve", "none"]  # fmt: skip

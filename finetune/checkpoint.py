@@ -20,8 +20,9 @@ class TrainState:
     epoch: int = 0  # epochs completed
     global_step: int = 0
     best_metric: float | None = None
-    best_loss: float | None = None  # the best epoch's validation loss (breaks ties of best_metric)
-    best_epoch: int = 0
+    best_loss: float | None = None  # the selected epoch's validation loss
+    best_epoch: int = 0  # the selected epoch (0: the fitted head), what is tested and published
+    top_metric: float | None = None  # the highest validation score so far (patience counts from it)
     bad_epochs: int = 0
     finished: bool = False
     history: list[dict[str, float]] = field(default_factory=list)

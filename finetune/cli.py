@@ -153,7 +153,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
         type=_auto(int),
         help="train only the head for N epochs, then unfreeze (the LR warms up again); N >= epochs is a linear "
         "probe; auto: fit the head on cached features first, then fine-tune the whole network, and keep the probe "
-        "if fine-tuning never beats it on validation (default auto)",
+        "only if fine-tuning is worse on validation by more than the split's standard error (default auto)",
     )
     group.add_argument("--clip-grad", type=float, help="gradient norm clip, 0 disables (default 1.0)")
     group.add_argument(

@@ -154,7 +154,9 @@ class Trainer:
 
     def _record_probe(self, probe: auto.Probe) -> None:
         val = self._val_metrics(probe.logits.float().cpu().numpy(), probe.targets.cpu().numpy())
-        self.state.best_metric, self.state.best_loss, self.state.best_epoch = self._score(val), float(val["loss"]), 0
+        score = self._score(val)
+        self.state.best_metric, self.state.best_loss, self.state.best_epoch = score, float(val["loss"]), 0
+        self.state.top_metric = score
         self.state.probe = {"val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
         self.state.probe["val_macro_f1"] = float(val["macro"]["f1"])
         self._save(LAST)  # what training continues from (its head may be a new one)
@@ -244,17 +246,16 @@ class Trainer:
     def _end_epoch(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> bool:
         """Record, checkpoint, log; returns True when early stopping ends the run."""
         state, score, loss = self.state, self._score(val), float(val["loss"])
-        # a tie on a small validation split goes to the lower validation loss
-        improved = state.best_metric is None or score > state.best_metric
-        improved = improved or (score == state.best_metric and loss < (state.best_loss or float("inf")))
+        top = state.top_metric if state.top_metric is not None else state.best_metric  # a run from before top_metric
+        improved = top is None or score > top
+        state.top_metric = score if improved else top
+        state.bad_epochs = 0 if improved else state.bad_epochs + 1
         row = tblog.history_row(epoch, stats, val, lr=float(self.optimizer.param_groups[0]["lr"]))
         state.history.append(row)
         state.epoch, state.global_step = epoch + 1, state.global_step + self.steps_per_epoch
-        if improved:
-            state.best_metric, state.best_loss, state.best_epoch, state.bad_epochs = score, loss, epoch + 1, 0
+        if self._selects(score):
+            state.best_metric, state.best_loss, state.best_epoch = score, loss, epoch + 1
             self._save(BEST)
-        else:
-            state.bad_epochs += 1
         self._save(LAST)
         tblog.log_epoch(self.tb, self.model, self.labels, row, val, epochs=self.epochs)
         stop = epoch + 1 < self.epochs and self._may_stop(epoch)
@@ -262,9 +263,24 @@ class Trainer:
             logger.info("early stopping: no validation improvement for %d epochs", state.bad_epochs)
         return stop
 
+    def _selects(self, score: float) -> bool:
+        """Is this epoch the one to publish (so far)? The latest epoch whose validation score is within
+        the noise of the highest so far (``auto.selection_margin``: the standard error of that score on
+        the validation split) is: on a small split the highest is mostly luck, and a later epoch, further
+        down the LR schedule, generalises better (the fitted head, "epoch 0", included). With
+        ``--early-stop-metric loss`` only a new best is."""
+        top = self.state.top_metric
+        if top is None:
+            return True
+        metric = self.config.early_stop_metric
+        if (self.task.selection_metric if metric == "auto" else metric) == "loss":
+            return score >= top
+        return score >= top - auto.selection_margin(top, len(self.splits.val)) - 1e-12
+
     def _may_stop(self, epoch: int) -> bool:
-        """Early stopping counts ``patience`` epochs without improvement only once the backbone trains and
-        the LR has decayed below half its peak: a plateau at a high LR is not a finished run."""
+        """Early stopping counts ``patience`` epochs after the selected one (none within the noise of the best)
+        only once the backbone trains and the LR has decayed below half its peak: a plateau at a high LR is
+        not a finished run."""
 
         def factor(done: int) -> float:
             return schedule_factor(

@@ -89,9 +89,9 @@ class FinishedRun:
 
 def write_predictions(run_dir: Path, splits: data.DataSplits, task: Task, logits: np.ndarray) -> None:
     """Per-image test predictions, so a server's answers can be compared image by image: the labels the
-    image has, and the answer a server gives (``task.answers``: the top-1 class of a multiclass model,
-    the labels at or above their thresholds of a multi-label one, at least one), ';'-separated."""
-    answers = task.answers(task.probabilities(logits), 1 if task.name == "multiclass" else None)
+    image has, and what the model decides (``task.decided``: the top-1 class of a multiclass model, the
+    labels at or above their thresholds of a multi-label one, at least one), ';'-separated."""
+    answers = task.decided(task.probabilities(logits))
     lines = ["path\ttrue\tpredicted\tprobability"]
     for sample, answer in zip(splits.test, answers, strict=True):
         truth = ";".join(splits.classes[i] for i in sample.indices)

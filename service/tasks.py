@@ -97,16 +97,14 @@ class Task:
     def ranked(self, probs: np.ndarray, k: int, *, at_least_one: bool = False) -> list[list[int]]:
         """Label indices each image is given, best first, at most ``k``; with ``at_least_one`` an image
         given no label gets its most probable one."""
+        return _given(self.label_scores(probs, logits=False), self.decisions(probs), k, at_least_one=at_least_one)
+
+    def decided(self, probs: np.ndarray) -> list[dict[str, float]]:
+        """``{label: probability}`` of the labels each image is given, best first: its decision, not a
+        ranking (the top class; the labels at or above their thresholds, at least one; the decided side)."""
         scores = self.label_scores(probs, logits=False)
-        chosen = self.decisions(probs)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        rows = []
-        for r in range(len(scores)):
-            picked = [int(i) for i in order[r] if chosen[r, i]][:k]
-            if not picked and at_least_one:
-                picked = [int(order[r, 0])]
-            rows.append(picked)
-        return rows
+        rows = _given(scores, self.decisions(probs), len(self.labels), at_least_one=True)
+        return [{self.labels[i]: float(scores[r, i]) for i in row} for r, row in enumerate(rows)]
 
     def answers(self, probs: np.ndarray, k: int | None = None) -> list[dict[str, float]]:
         """``{label: probability}`` per image, best first (TorchServe's answer, ``predict``'s rows)."""
@@ -231,6 +229,19 @@ class Binary(Task):
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Multiclass, Multilabel, Binary)}
+
+
+def _given(scores: np.ndarray, chosen: np.ndarray, k: int, *, at_least_one: bool) -> list[list[int]]:
+    """Per row the indices ``chosen`` marks, by descending score, at most ``k``; with ``at_least_one`` a
+    row with none gets its best."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rows = []
+    for r in range(len(scores)):
+        picked = [int(i) for i in order[r] if chosen[r, i]][:k]
+        if not picked and at_least_one:
+            picked = [int(order[r, 0])]
+        rows.append(picked)
+    return rows
 
 
 def make_task(name: str, labels: Sequence[str], thresholds: Sequence[float] = ()) -> Task:

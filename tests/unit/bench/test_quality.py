@@ -94,11 +94,28 @@ def test_tux_photos_split_by_photo_with_their_copies_and_mirrors(tmp_path: Path)
 
 @pytest.mark.skipif(not qd.TUX_ROOT.is_dir(), reason="tuxpaint-stamps-default is not installed")
 def test_the_real_tux_categories_have_enough_photos_and_none_is_the_demos() -> None:
-    demo = ("animals/birds", "plants/flowers", "food/fruit", "animals/mammals", "food/vegetables")
-    tux10, tux5 = qd.SETS["tux-10"].categories, qd.SETS["tux-5-160"].categories
-    assert len(tux10) == 10 and len(tux5) == 5 and not set(tux10) & set(tux5)
-    for category in (*tux10, *tux5):
-        assert not category.startswith(demo) and len(qd.photo_groups(qd.TUX_ROOT / category)) >= qd.MIN_PHOTOS
+    demo = {"animals/birds", "plants/flowers", "food/fruit", "food/vegetables"}  # and animals/mammals/**
+    used: set[Path] = set()
+    for name in ("tux-10", "tux-5-160", "tux-8-112"):
+        spec = qd.SETS[name]
+        assert len({qd.category(entry)[0] for entry in spec.categories}) == len(spec.categories)
+        for entry in spec.categories:
+            _, folder, recursive = qd.category(entry)
+            assert folder not in demo and not folder.startswith("animals/mammals")
+            groups = qd.photo_groups(qd.TUX_ROOT / folder, recursive=recursive)
+            assert len(groups) >= qd.MIN_PHOTOS
+            files = {path for paths in groups.values() for path in paths}
+            assert not files & used, f"{entry} shares images with an earlier set"
+            used |= files
+
+
+def test_a_named_recursive_category_groups_every_png_below_it(tmp_path: Path) -> None:
+    stamps = _stamps(tmp_path / "stamps", {"v/cars": 3, "v/cars/old": 3, "v/trains": 4})
+    assert qd.category("wheels=v/**") == ("wheels", "v", True) and qd.category("v/cars") == ("cars", "v/cars", False)
+    assert len(qd.photo_groups(stamps / "v", recursive=True)) == 10 and len(qd.photo_groups(stamps / "v/cars")) == 3
+    built = qd.build_tux(tmp_path / "out", stamps, ["wheels=v/**", "trains=v/trains"], copies=(1, 1, 1), img_size=16,
+                         seed=0, min_photos=4)  # fmt: skip
+    assert built.classes == ("wheels", "trains") and sum(built.photos.values()) == 10 + 4
 
 
 def _run(point: str, acc: float | None, val: float = 0.5, wall: float = 100.0, error: str | None = None) -> dict:
@@ -131,6 +148,10 @@ def test_the_report_shows_sets_goals_and_the_quick_warning() -> None:
     text = render_section(results)
     assert text.startswith(HEADING + "\n") and "mean nothing" in text and "`finetune --demo`" in text
     assert "| digits-10 | 95.0 | 90.0 (grid lr=1e-3) | +5.00 | grid lr=1e-3 (90.0) | 1.00× | **met** (quick" in text
+    assert "| **met** (quick: means nothing) | – |" in text and "Weight EMA" not in text
+    with_ema = {"sets": [{**results["sets"][0], "runs": [*runs, _run("defaults + EMA", 0.97)]}]}
+    ema_text = render_section(with_ema)
+    assert "| 97.0 |" in ema_text and "minus defaults: +2.0 points (mean +2.00)" in ema_text
     assert "| defaults | 95.0 | – | 50.0 | 100 | 0.00123 | 9 | 0 + head fit |" in text
     assert "- defaults chose: lr: range test\n" in text and "| random init | failed: x |" in text
     grid = {"chosen": {"lr": 1e-3}, "auto": {"reason": {"lr": "0.001, given"}}}
@@ -143,7 +164,8 @@ def test_quick_forces_one_epoch_onto_every_point_and_runs_are_read_from_their_fi
     assert quick[0].label == "defaults" and quick[-1].args == ("--weights", "none", "--epochs", "1")
     assert all(p.args[p.args.index("--epochs") + 1] == "1" for p in quick)
     full = points(quick=False)
-    assert full[0].args == () and full[2].args == ("--lr", "1e-3", "--epochs", "10", "--freeze-epochs", "0")
+    assert full[0].args == () and full[1].args == ("--ema", "true") and "defaults + EMA" not in {p.label for p in quick}
+    assert full[3].args == ("--lr", "1e-3", "--epochs", "10", "--freeze-epochs", "0")
     (tmp_path / "metrics.json").write_text(
         '{"test": {"accuracy": 0.8, "macro": {"f1": 0.7}}, "best_val": {"val_accuracy": 0.75}, "history": [{}, {}]}'
     )
@@ -152,4 +174,4 @@ def test_quick_forces_one_epoch_onto_every_point_and_runs_are_read_from_their_fi
     assert read["test_accuracy"] == 0.8 and read["test_macro_f1"] == 0.7 and read["val_accuracy"] == 0.75
     assert read["auto"] == {"lr": 0.002, "reason": {"lr": "why"}} and read["epochs_run"] == 2
     assert read["chosen"] == {"lr": 0.002, "epochs": None, "freeze_epochs": None}
-    assert read_run(tmp_path, full[1].args)["chosen"] == {"lr": 3e-4, "epochs": 10, "freeze_epochs": 0}
+    assert read_run(tmp_path, full[2].args)["chosen"] == {"lr": 3e-4, "epochs": 10, "freeze_epochs": 0}

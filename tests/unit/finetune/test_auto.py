@@ -217,3 +217,37 @@ def test_a_fitted_head_that_breaks_under_batch_statistics_is_replaced(
     fitted = probe.head_state["linear.weight"]
     assert model.fc.linear.weight.abs().max() < fitted.abs().max()  # the model's head was re-initialised
     assert plan.backbone_lr_scale == pytest.approx(min(1.0, auto.BACKBONE_LR_CAP["adamw"] / plan.lr))
+
+
+def test_ready_features_move_the_backbone_at_a_tenth_after_the_fitted_head(tmp_path: Path) -> None:
+    config, reason = TrainConfig(data=tmp_path), {"lr": "range test"}
+    lr, scale = auto._fine_tune_lr(config, 5e-3, fitted=True, ready=True, frozen=False, reason=reason)
+    assert (lr, scale) == (auto.BACKBONE_LR_CAP["adamw"], auto.DEFAULT_BACKBONE_LR_SCALE)
+    assert "already separate" in reason["backbone_lr_scale"] and "at most" in reason["lr"]
+    lr, scale = auto._fine_tune_lr(config, 5e-4, fitted=True, ready=False, frozen=False, reason=reason)
+    assert (lr, scale) == (5e-4, 1.0) and "must adapt" in reason["backbone_lr_scale"]
+
+
+@pytest.mark.parametrize(("score", "count", "expected"), [(0.75, 12, 0.125), (1.0, 50, 0.0), (0.5, 100, 0.05)])
+def test_the_selection_margin_is_the_best_scores_standard_error(score: float, count: int, expected: float) -> None:
+    assert auto.selection_margin(score, count) == pytest.approx(expected)
+
+
+def test_the_latest_epoch_within_the_noise_of_the_best_is_selected() -> None:
+    from types import SimpleNamespace
+
+    from finetune.checkpoint import TrainState
+    from finetune.engine import Trainer
+
+    task = SimpleNamespace(selection_metric="accuracy")
+    val = [None] * 21  # margin at 0.76: 0.093
+
+    def selects(state: TrainState, score: float, metric: str = "auto") -> bool:
+        trainer = SimpleNamespace(state=state, task=task, splits=SimpleNamespace(val=val),
+                                  config=SimpleNamespace(early_stop_metric=metric))  # fmt: skip
+        return Trainer._selects(trainer, score)
+
+    probe = TrainState(best_metric=0.76, best_epoch=0, top_metric=0.76)
+    assert selects(probe, 0.68) and not selects(probe, 0.66)
+    assert selects(probe, 0.76) and not selects(probe, 0.7599, "loss") and selects(probe, 0.76, "loss")
+    assert selects(TrainState(), 0.0)

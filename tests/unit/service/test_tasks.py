@@ -32,6 +32,7 @@ def test_multiclass_classification_strings_are_the_top_k_best_first() -> None:
     assert len(task.classification(values, 9, of_logits=False)) == 6
     assert task.answer_columns(9) == 3
     assert task.answers(softmax(values), 1) == [{"y": pytest.approx(0.7)}, {"x": pytest.approx(0.5)}]
+    assert task.decided(softmax(values)) == task.answers(softmax(values), 1)  # the decision is the top class
 
 
 def test_multilabel_answers_are_the_labels_at_or_above_their_thresholds() -> None:
@@ -45,6 +46,7 @@ def test_multilabel_answers_are_the_labels_at_or_above_their_thresholds() -> Non
     assert list(answers[1]) == ["cat"]  # none given: the most probable one (ties: first label)
     assert list(answers[2]) == ["car", "cat", "dog"]  # equal probabilities keep the label order
     assert list(task.answers(probs, 1)[2]) == ["car"]
+    assert task.decided(probs) == answers  # every label at or above its threshold, at least one
     strings = task.classification(logits, 5, of_logits=True)
     assert task.answer_columns(5) == 3 and len(strings) == 9
     assert strings[:3] == [b"2.000000:0:cat", b"-0.500000:1:dog", b""]  # padded: no label is not an answer
@@ -60,6 +62,7 @@ def test_binary_is_one_logit_and_answers_with_the_decided_label() -> None:
     assert answers[0] == {"cat": pytest.approx(0.5)}
     assert answers[1] == {"no_cat": pytest.approx(1 - sigmoid(np.array(-2.0)))}
     assert list(answers[2]) == ["cat"]  # p = 0.45 >= 0.4
+    assert task.decided(probs) == answers
     assert task.classification(logits, 3, of_logits=True) == [
         b"0.000000:1:cat",
         b"2.000000:0:no_cat",
