@@ -287,8 +287,8 @@ def _score(
 def selection_margin(score: float, count: int) -> float:
     """How far below the best validation score a later epoch may be and still be the one published: the
     standard error of that score on ``count`` validation images (a proportion's, sqrt(p(1 - p) / n);
-    9 points at 0.76 on 21 images, 2 at 0.9 on 200). Measured on the quality benchmark's small sets, the
-    last epoch of the schedule tested 5-12 points above the epoch with the best validation accuracy."""
+    9 points at 0.76 on 21 images, 2 at 0.9 on 200). In three runs on the quality benchmark's small sets
+    the schedule's last epoch tested 5-12 points above the epoch with the best validation accuracy."""
     p = min(1.0, max(0.0, score))
     return math.sqrt(p * (1.0 - p) / max(1, count))
 
