@@ -22,7 +22,7 @@ class TrainState:
     best_metric: float | None = None
     best_loss: float | None = None  # the selected epoch's validation loss
     best_epoch: int = 0  # the selected epoch (0: the fitted head), what is tested and published
-    top_metric: float | None = None  # the highest validation score so far (patience counts from it)
+    top_metric: float | None = None  # the highest validation score so far (the selection margin is below it)
     bad_epochs: int = 0
     finished: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
