@@ -9,17 +9,25 @@ both back and compares them with the eager model) once per session. ``tiny_store
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.dataplane import DataPlane
+from service.http_app import create_app
 from service.manifest import Preprocess
+from service.repository import ModelRepository
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from finetune.publish import PackageSpec
@@ -125,3 +133,26 @@ def png_bytes(seed: int, *, width: int = 40, height: int = 48) -> bytes:
 def png() -> Callable[..., bytes]:
     """``png(seed, width=40, height=48)``: encoded PNG bytes of a noisy image."""
     return png_bytes
+
+
+@contextmanager
+def serving(
+    store: Path, *, load: bool = True, extend: Callable[[FastAPI], None] | None = None, **overrides: Any
+) -> Iterator[TestClient]:
+    """An in-process app (the real DataPlane and repository) over ``store``, models loaded unless ``load`` is
+    false; ``extend`` adds routes first; shut down on exit. Settings: CPU, batches of 4, 2 decode workers."""
+    values: dict[str, Any] = {"device": "cpu", "max_batch_size": 4, "decode_workers": 2, "drain_timeout_s": 5.0}
+    settings = Settings(model_store=store, **{**values, **overrides})
+    repository = ModelRepository(settings)
+    plane = DataPlane(repository, settings)
+    app = create_app(plane)
+    if extend is not None:
+        extend(app)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.portal is not None
+        if load:
+            client.portal.call(repository.load_all)
+        try:
+            yield client
+        finally:
+            client.portal.call(functools.partial(plane.shutdown, timeout=5.0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import subprocess
 import sys
@@ -15,10 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.dataplane import DataPlane
-from service.http_app import create_app
-from service.repository import ModelRepository
-from service.settings import Settings
+from tests.unit.service.conftest import serving
 
 if TYPE_CHECKING:
     from tests.unit.service.conftest import TinyStore
@@ -50,16 +46,8 @@ def publish_explainable(store: Path, work: Path) -> Path:
 @pytest.fixture
 def client(tiny_store: TinyStore, tmp_path: Path) -> Iterator[TestClient]:
     publish_explainable(tiny_store.store, tmp_path / "export")
-    settings = Settings(model_store=tiny_store.store, device="cpu", max_batch_size=4, decode_workers=2)
-    repository = ModelRepository(settings)
-    plane = DataPlane(repository, settings)
-    with TestClient(create_app(plane), raise_server_exceptions=False) as test_client:
-        assert test_client.portal is not None
-        test_client.portal.call(repository.load_all)
-        try:
-            yield test_client
-        finally:
-            test_client.portal.call(functools.partial(plane.shutdown, timeout=5.0))
+    with serving(tiny_store.store) as test_client:
+        yield test_client
 
 
 def test_heatmap_as_png_and_json(client: TestClient, png: Callable[..., bytes]) -> None:

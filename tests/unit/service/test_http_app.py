@@ -7,14 +7,12 @@ the TestClient's portal, inside the ``with`` block, and shut down there too.
 from __future__ import annotations
 
 import base64
-import functools
 import gc
 import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,39 +21,15 @@ import tritonclient.http as triton_http
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.dataplane import DataPlane
-from service.http_app import create_app
 from service.http_v2 import HEADER_LENGTH
 from service.preprocess import preprocess_bytes
-from service.repository import ModelRepository
-from service.settings import Settings
 from service.tasks import softmax
+from tests.unit.service.conftest import serving
 
 if TYPE_CHECKING:
     from tests.unit.service.conftest import TinyStore
 
 PngFactory = Callable[..., bytes]
-
-
-@contextmanager
-def _serving(
-    store: Path, *, load: bool = True, extend: Callable[[FastAPI], None] | None = None, **overrides: Any
-) -> Iterator[TestClient]:
-    values: dict[str, Any] = {"device": "cpu", "max_batch_size": 4, "decode_workers": 2, "drain_timeout_s": 5.0}
-    settings = Settings(model_store=store, **{**values, **overrides})
-    repository = ModelRepository(settings)
-    plane = DataPlane(repository, settings)
-    app = create_app(plane)
-    if extend is not None:
-        extend(app)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        assert client.portal is not None
-        if load:
-            client.portal.call(repository.load_all)
-        try:
-            yield client
-        finally:
-            client.portal.call(functools.partial(plane.shutdown, timeout=5.0))
 
 
 @contextmanager
@@ -73,7 +47,7 @@ def _unclosed_uploads() -> Iterator[list[str]]:
 @pytest.fixture(scope="module")
 def client(shared_tiny_store: TinyStore) -> Iterator[TestClient]:
     """One app for the tests that change nothing (the others build their own with ``_serving``)."""
-    with _serving(shared_tiny_store.store) as test_client:
+    with serving(shared_tiny_store.store) as test_client:
         yield test_client
 
 
@@ -236,7 +210,7 @@ def test_predictions(
 
 
 def test_predictions_top_k_follows_the_settings(shared_tiny_store: TinyStore, png: PngFactory) -> None:
-    with _serving(shared_tiny_store.store, default_top_k=1) as client:
+    with serving(shared_tiny_store.store, default_top_k=1) as client:
         answer = client.post("/predictions/tiny", content=png(8)).json()
     assert list(answer) == list(_probabilities(shared_tiny_store, png(8)))[:1]
 
@@ -272,12 +246,12 @@ def test_a_text_form_field_that_is_not_an_image_is_a_client_error(client: TestCl
 
 # ---- health, metadata, readiness -------------------------------------------------------------
 def test_health_and_ping(shared_tiny_store: TinyStore) -> None:
-    with _serving(shared_tiny_store.store, load=False) as client:
+    with serving(shared_tiny_store.store, load=False) as client:
         assert client.get("/v2/health/live").status_code == 200
         assert client.get("/v2/health/ready").status_code == 503  # nothing loaded yet
         ping = client.get("/ping")
         assert (ping.status_code, ping.json()) == (500, {"status": "Unhealthy"})
-    with _serving(shared_tiny_store.store) as client:
+    with serving(shared_tiny_store.store) as client:
         assert client.get("/v2/health/ready").status_code == 200
         ping = client.get("/ping")
         assert (ping.status_code, ping.json()) == (200, {"status": "Healthy"})
@@ -333,7 +307,7 @@ def test_server_and_model_metadata(client: TestClient) -> None:
 def test_metadata_of_a_broken_package_says_why(tiny_store: TinyStore) -> None:
     with (tiny_store.folder / "model.onnx").open("ab") as fh:
         fh.write(b"\0")
-    with _serving(tiny_store.store) as client:
+    with serving(tiny_store.store) as client:
         meta = client.get("/v2/models/tiny").json()
         assert meta["ready"] is False and meta["state"]["ready"] is False
         assert "sha256" in meta["state"]["reason"] and str(tiny_store.store) not in meta["state"]["reason"]
@@ -374,7 +348,7 @@ def test_error_formats_differ_by_protocol(client: TestClient, png: PngFactory) -
 
 def test_payload_over_the_limit_is_413_on_every_route(shared_tiny_store: TinyStore) -> None:
     big = b"\0" * 3000
-    with _serving(shared_tiny_store.store, max_payload_bytes=2000) as client:
+    with serving(shared_tiny_store.store, max_payload_bytes=2000) as client:
         v2 = client.post("/v2/models/tiny/infer", content=big)
         assert (v2.status_code, v2.json()) == (413, {"error": "request body of 3000 bytes is over the limit of 2000"})
         chunked = client.post("/v2/models/tiny/infer", content=iter([big[:1500], big[1500:]]))
@@ -415,7 +389,7 @@ def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_traceback(
 
     with (
         caplog.at_level(logging.ERROR, logger="service.http_app"),
-        _serving(shared_tiny_store.store, extend=extend) as client,
+        serving(shared_tiny_store.store, extend=extend) as client,
     ):
         v2 = client.get("/v2/explode")
         torchserve = client.get("/ping/explode")
@@ -435,7 +409,7 @@ def test_an_unexpected_exception_is_a_500_with_a_request_id_and_no_traceback(
 # ---- tokens and management --------------------------------------------------------------------
 def test_an_inference_token_guards_both_apis(shared_tiny_store: TinyStore, png: PngFactory) -> None:
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(png(11))]}]}
-    with _serving(shared_tiny_store.store, inference_token="let-me-in") as client:
+    with serving(shared_tiny_store.store, inference_token="let-me-in") as client:
         v2 = client.post("/v2/models/tiny/infer", json=body)
         assert v2.status_code == 401 and "inference token" in v2.json()["error"]
         wrong = client.post("/predictions/tiny", content=png(11), headers={"Authorization": "Bearer nope"})
@@ -454,7 +428,7 @@ def test_management_is_off_by_default(client: TestClient) -> None:
 
 def test_management_with_a_token(tiny_store: TinyStore, png: PngFactory) -> None:
     auth = {"Authorization": "Bearer adm"}
-    with _serving(tiny_store.store, enable_management=True, management_token="adm") as client:
+    with serving(tiny_store.store, enable_management=True, management_token="adm") as client:
         assert client.post("/v2/repository/index").status_code == 401
         assert client.post("/v2/repository/index", headers={"Authorization": "Bearer x"}).status_code == 401
         index = client.post("/v2/repository/index", headers=auth)

@@ -4,21 +4,15 @@ markup built from data). The page itself runs in a real browser in tests/e2e/tes
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.dataplane import DataPlane
-from service.http_app import create_app
 from service.http_ui import CSP, TOKEN_COOKIE, UI_DIR, ui_files
-from service.repository import ModelRepository
-from service.settings import Settings
+from tests.unit.service.conftest import serving
 
 if TYPE_CHECKING:
     from tests.unit.service.conftest import TinyStore
@@ -26,23 +20,9 @@ if TYPE_CHECKING:
 TOKEN = "s3cret-token"
 
 
-@contextmanager
-def _serving(store: Path, **overrides: Any) -> Iterator[TestClient]:
-    settings = Settings(model_store=store, device="cpu", decode_workers=1, drain_timeout_s=5.0, **overrides)
-    repository = ModelRepository(settings)
-    plane = DataPlane(repository, settings)
-    with TestClient(create_app(plane), raise_server_exceptions=False) as client:
-        assert client.portal is not None
-        client.portal.call(repository.load_all)
-        try:
-            yield client
-        finally:
-            client.portal.call(functools.partial(plane.shutdown, timeout=5.0))
-
-
 @pytest.fixture(scope="module")
 def client(shared_tiny_store: TinyStore) -> Iterator[TestClient]:
-    with _serving(shared_tiny_store.store) as running:
+    with serving(shared_tiny_store.store, decode_workers=1) as running:
         yield running
 
 
@@ -99,14 +79,14 @@ def test_every_module_the_page_imports_is_served(client: TestClient) -> None:
 
 
 def test_ui_false_serves_no_page(shared_tiny_store: TinyStore) -> None:
-    with _serving(shared_tiny_store.store, ui=False) as client:
+    with serving(shared_tiny_store.store, decode_workers=1, ui=False) as client:
         assert client.get("/").status_code == 404
         assert client.get("/ui/app.js").status_code == 404
         assert client.get("/v2/models").json() == {"models": ["tiny"]}  # the API is unchanged
 
 
 def test_with_an_inference_token_the_page_needs_it(shared_tiny_store: TinyStore) -> None:
-    with _serving(shared_tiny_store.store, inference_token=TOKEN) as client:
+    with serving(shared_tiny_store.store, decode_workers=1, inference_token=TOKEN) as client:
         refused = client.get("/")
         assert refused.status_code == 401 and '<form id="login">' in refused.text
         assert refused.headers["content-security-policy"] == CSP
@@ -122,7 +102,7 @@ def test_with_an_inference_token_the_page_needs_it(shared_tiny_store: TinyStore)
 
 
 def test_the_model_list_needs_the_token_and_the_api_ignores_the_cookie(shared_tiny_store: TinyStore) -> None:
-    with _serving(shared_tiny_store.store, inference_token=TOKEN) as client:
+    with serving(shared_tiny_store.store, decode_workers=1, inference_token=TOKEN) as client:
         assert client.get("/v2/models").status_code == 401
         client.cookies.set(TOKEN_COOKIE, TOKEN)
         assert client.get("/v2/models").status_code == 401  # a cookie opens the page only: no cross-site calls
