@@ -34,10 +34,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # Each image builds its virtual environment in place, in the stage the image is made from, and not in
 # a builder stage copied over with `COPY --from`: a copy stores the venv twice on the builder (the
 # builder's layer and the copy, 2 x 6.7 GB for the GPU images), while the two GPU images below share
-# one venv layer. pip's downloads are a cache mount (outside the image). Behind a TLS-inspecting proxy
-# pip needs the builder's CA bundle: it comes in as the build secret `pip-ca` (scripts/build-images.sh
-# --ca-bundle), which pip alone reads through PIP_CERT, and which no layer keeps; without the secret
-# pip uses its own CA list.
+# venv layers. pip's downloads for the slim image are a cache mount (outside the image); the GPU venv
+# is installed with --no-cache-dir (below). Behind a TLS-inspecting proxy pip needs the builder's CA
+# bundle: it comes in as the build secret `pip-ca` (scripts/build-images.sh --ca-bundle), which pip
+# alone reads through PIP_CERT, and which no layer keeps; without the secret pip uses its own CA list.
 FROM ${PYTHON_IMAGE} AS base
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
@@ -92,8 +92,8 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["serve"]
 
 # ---------------------------------------------------------------------------------------------------
-# gpu: the virtual environment both GPU images share (one layer on the builder and the host), and the
-# project installed in editable mode from /app exactly as scripts/setup.sh does it, so that
+# gpu: the virtual environment both GPU images share (two layers, stored once on the builder and the
+# host), and the project installed in editable mode from /app exactly as scripts/setup.sh does it, so that
 # `python -m service.protos` generates the gRPC modules beside proto/ (service/_proto) where the server
 # looks for them. The images run as a user who cannot write /app, so nothing may need to be written
 # there at start: the generated code and the bytecode are made here.
@@ -107,26 +107,37 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # and cuDNN wheels that torch's pins install; the test checks that they exist in the host's venv.
 #
 # Dependencies first, from pyproject.toml alone (its packages are not copied yet, and the README it
-# names is a placeholder), so this multi-GB layer is rebuilt only when the pins change, not on every
-# code edit. onnxruntime-gpu (the `gpu` extra's pin) ships the same `onnxruntime` module as the CPU
-# wheel that the base dependencies pin, so the CPU one (28 MB) is installed with the rest, removed, and
-# the GPU one (256 MB) installed after it: downloaded once (installing `.[gpu]` together with the base
-# would fetch it, then a --force-reinstall would fetch it again wherever pip's HTTP cache stays empty,
-# as behind a proxy that strips caching headers). Its dependencies are all installed by then: its
-# [cuda,cudnn] extras name the CUDA 13 wheels torch brought (tests/unit/test_dockerfile.py resolves it
-# against them). `torchserve`: the archiver that `finetune` uses for TorchServe .mar files. The import
-# check fails the build if the swap did not leave a CUDA-capable onnxruntime.
+# names is a placeholder), so these multi-GB layers are rebuilt only when the pins change, not on every
+# code edit. Two layers, because the builder's disk peaks while a layer is committed: the container's
+# files, the layer written out as a blob and the layer unpacked into storage are all there at once,
+# about 3.8 times the layer (26 GB measured for one 6.9 GB venv layer). So the CUDA stack goes first,
+# on its own: torch and torchvision at pyproject.toml's pins, with the CUDA wheels and triton they bring
+# (5.5 GB); the rest is a second, smaller layer on top. No pip cache (--no-cache-dir, no cache mount):
+# a cache would keep the ~4 GB of downloaded wheels on the same disk through those commits.
+RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python -c "import tomllib; print(*[d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.split('==')[0] in ('torch', 'torchvision')], sep='\n')" > /tmp/torch.txt \
+ && python -m pip install --no-cache-dir --requirement /tmp/torch.txt \
+ && rm /tmp/torch.txt
+# The rest of the dependencies. onnxruntime-gpu (the `gpu` extra's pin) ships the same `onnxruntime`
+# module as the CPU wheel that the base dependencies pin, so the CPU one (28 MB) is installed with the
+# rest, removed, and the GPU one (256 MB) installed after it: downloaded once (installing `.[gpu]`
+# together with the base would fetch it, then a --force-reinstall would fetch it again wherever pip's
+# HTTP cache stays empty, as behind a proxy that strips caching headers). Its dependencies are all
+# installed by then: its [cuda,cudnn] extras name the CUDA 13 wheels torch brought
+# (tests/unit/test_dockerfile.py resolves it against them). `torchserve`: the archiver that `finetune`
+# uses for TorchServe .mar files. The import check fails the build if the swap did not leave a
+# CUDA-capable onnxruntime.
 # DL3013 (pin versions in pip) cannot see that "." is this project, whose pyproject.toml pins every
 # dependency; tests/unit/test_dockerfile.py checks that each pip install here installs only this
-# project or the `gpu` extra's exact pin.
+# project, a list of its pins or the `gpu` extra's exact pin.
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca \
-    --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && touch README.md \
- && python -m pip install ".[torchserve]" \
+ && python -m pip install --no-cache-dir ".[torchserve]" \
  && python -m pip uninstall --yes onnxruntime \
- && python -m pip install "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
+ && python -m pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
  && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()"
 COPY README.md ./
 COPY proto/ proto/

@@ -24,8 +24,8 @@ cd "$(dirname "$0")/.."
 
 readonly LOCAL_BASE=localhost/imgclf-python:3.11-bookworm
 # Free space a build needs at its peak, in GB, measured with podman on Debian 12 (README, "Container
-# images"): the image plus the layer being committed, pip's downloads and its unpacked wheels.
-# The two GPU targets share one venv layer: the first of them needs the room, the second little more.
+# images"): the image plus the layer being committed (its files, its blob and its unpacked copy).
+# The two GPU targets share their venv layers: the first of them needs the room, the second little more.
 declare -A NEED_GB=([serve-cpu]=4 [serve]=24 [finetune]=24)
 declare -A IMAGE=([serve-cpu]=imgclf-cpu [serve]=imgclf [finetune]=imgclf-finetune)
 
@@ -128,6 +128,6 @@ for target in "${targets[@]}"; do
   "$builder" build "${build_args[@]}" --target "$target" --tag "$image" .
   size=$("$builder" image inspect --format '{{.Size}}' "$image")
   echo "build-images.sh: $image built in $((SECONDS - start)) s, $((size / 1000000)) MB" >&2
-  # the other GPU target reuses this one's venv layer: it adds megabytes, not gigabytes
+  # the other GPU target reuses this one's venv layers: it adds megabytes, not gigabytes
   [ "$target" = serve-cpu ] || NEED_GB[serve]=2 NEED_GB[finetune]=2
 done

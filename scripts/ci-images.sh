@@ -29,7 +29,7 @@ FINETUNE_IMAGE=localhost/imgclf-finetune:$TAG
 GPU_NEED_GB=$(sed -n 's/^declare -A NEED_GB=.*\[serve\]=\([0-9]*\).*/\1/p' scripts/build-images.sh)
 CA_BUNDLE=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 WORK=$(mktemp -d /var/tmp/imgclf-ci.XXXXXX)
-made_images=() base_made=0 pause_made=0 played=""
+made_images=() base_made=0 pause_made=0 played="" sampler=""
 
 stage_start=$SECONDS
 stage() { echo "ci-images: $1 took $((SECONDS - stage_start)) s" >&2; stage_start=$SECONDS; }
@@ -39,6 +39,7 @@ fail() { echo "ci-images: FAILED: $*" >&2; exit 1; }
 cleanup() {
   local status=$?
   set +e
+  [ -z "$sampler" ] || kill "$sampler" 2>/dev/null
   [ -z "$played" ] || podman kube down "$played" >/dev/null 2>&1
   podman ps -aq --filter "label=imgclf-ci=$RUN_ID" | xargs -r podman rm -f >/dev/null 2>&1
   ((${#made_images[@]} == 0)) || podman rmi -f "${made_images[@]}" >/dev/null 2>&1
@@ -207,9 +208,18 @@ if ((free_gb < GPU_NEED_GB)); then
   say "SKIPPED the GPU images (finetune, serve): ${free_gb} GB free in $storage, they need ${GPU_NEED_GB} GB"
   exit 0
 fi
+say "GPU images: ${free_gb} GB free in $storage ($(podman info --format '{{.Store.GraphDriverName}}') driver), they need ${GPU_NEED_GB} GB"
+echo "$free_gb" >"$WORK/min_free"
+(while sleep 1; do # the lowest free space while they build: the build's peak, for NEED_GB in build-images.sh
+  f=$(df -P -BG "$storage" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+  if ((f < $(cat "$WORK/min_free"))); then echo "$f" >"$WORK/min_free"; fi
+done) &
+sampler=$!
 made_images+=("$FINETUNE_IMAGE" "$SERVE_IMAGE")
 build finetune serve
-stage "GPU images built (finetune $(image_mb "$FINETUNE_IMAGE") MB, serve $(image_mb "$SERVE_IMAGE") MB, one shared venv layer)"
+kill "$sampler" && sampler=""
+say "GPU images: the two builds took at most $((free_gb - $(cat "$WORK/min_free"))) GB of disk at their peak"
+stage "GPU images built (finetune $(image_mb "$FINETUNE_IMAGE") MB, serve $(image_mb "$SERVE_IMAGE") MB, two shared venv layers)"
 
 mkdir -p "$WORK/gpu" && chown 10001:10001 "$WORK/gpu"
 podman run --rm --label "imgclf-ci=$RUN_ID" --network none --shm-size 1g -v "$WORK/gpu:/workspace" \

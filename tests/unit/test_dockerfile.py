@@ -124,12 +124,14 @@ def test_base_image_is_the_python_that_pyproject_requires(instructions: list[Ins
 
 
 SERVE_CPU_LIST = "/tmp/serve-cpu.txt"  # where the serve-cpu stage writes pyproject's `serve-cpu` list
+TORCH_LIST = "/tmp/torch.txt"  # where the gpu stage writes pyproject's torch and torchvision pins
 
 
 def test_every_pip_install_installs_this_project_or_a_pinned_list_of_it(
     instructions: list[Instruction], pyproject: dict
 ) -> None:
-    """Each install is this project (with extras that exist), the `gpu` extra's pin, or serve-cpu's list.
+    """Each install is this project (with extras that exist), the `gpu` extra's pin, serve-cpu's list, or
+    the torch and torchvision pins (the GPU images' first venv layer).
 
     The project itself goes in with --no-deps wherever its dependencies are not meant to follow:
     in serve-cpu always (they would bring torch), elsewhere after the dependency layer.
@@ -139,7 +141,8 @@ def test_every_pip_install_installs_this_project_or_a_pinned_list_of_it(
     assert installs, "no pip install found in the Dockerfile"
     for args in installs:
         if "--requirement" in args:
-            assert args[args.index("--requirement") + 1] == SERVE_CPU_LIST and len(args) == 2, args
+            listed = [a for a in args if a != "--no-cache-dir"]
+            assert listed in (["--requirement", SERVE_CPU_LIST], ["--requirement", TORCH_LIST]), args
             continue
         targets = [a for a in args if not a.startswith("-")]
         assert len(targets) == 1, args
@@ -153,6 +156,13 @@ def test_every_pip_install_installs_this_project_or_a_pinned_list_of_it(
     cpu_runs = [i.args for i in instructions if i.stage == "serve-cpu" and i.keyword == "RUN"]
     assert any("['optional-dependencies']['serve-cpu']" in r and f"> {SERVE_CPU_LIST}" in r for r in cpu_runs)
     assert all("--no-deps" in args for args in pip_installs(instructions, "serve-cpu") if "." in args)
+    gpu_runs = [i.args for i in instructions if i.stage == "gpu" and i.keyword == "RUN"]
+    torch_run = next(r for r in gpu_runs if TORCH_LIST in r)
+    assert "['project']['dependencies']" in torch_run and "('torch', 'torchvision')" in torch_run
+    assert gpu_runs.index(torch_run) == 0  # the CUDA stack is the first layer, on its own
+    assert all("--no-cache-dir" in args for args in pip_installs(instructions, "gpu"))
+    pins = [d for d in pyproject["project"]["dependencies"] if d.split("==")[0] in ("torch", "torchvision")]
+    assert len(pins) == 2 and all("==" in pin for pin in pins), pins  # the list the first layer installs
 
 
 def test_extras_in_the_image_are_installed_on_the_host_too(instructions: list[Instruction], pyproject: dict) -> None:
