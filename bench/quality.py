@@ -4,6 +4,8 @@ python -m bench.quality --report                         # every set; hours on 2
 python -m bench.quality --sets digits-10,tux-10          # some sets; results in bench/quality.json
 python -m bench.quality --quick --work-dir /tmp/q-smoke  # a smoke of the mechanics: 3 classes, 1 epoch
 python -m bench.quality --render bench/quality.json      # rewrite the BENCHMARKS.md section only
+python -m bench.quality --sets tux-10 --points defaults,grid --train-seeds 1,2 --merge bench/quality.json
+                                                         # more training seeds for some sets; goals on the means
 
 Per set (bench/quality_data.py): ``finetune`` with pure defaults, with each LR of a small grid for a
 plain 10 epochs (``--freeze-epochs 0``), and with random init; test accuracy, macro F1, best val
@@ -14,6 +16,7 @@ the section ``## Quality of the defaults`` of BENCHMARKS.md: bench/quality_repor
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata
 import json
 import logging
@@ -42,6 +45,7 @@ GRID_EPOCHS = 10
 QUICK_SETS = ("digits-10",)
 QUICK_CLASSES = 3
 RUN_TIMEOUT_S = 4 * 3600.0
+POINT_KINDS = ("defaults", "ema", "grid", "random")  # --points: defaults, defaults + EMA, the LR grid, random init
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,16 @@ class Point:
     args: tuple[str, ...]
 
 
-def points(*, quick: bool) -> list[Point]:
-    """defaults, defaults with weight EMA, the LR grid (plain 10 epochs), random init; ``quick`` forces
-    ``--epochs 1`` onto every one and leaves EMA out (one epoch says nothing about it)."""
+def points(*, quick: bool, kinds: Sequence[str] = POINT_KINDS) -> list[Point]:
+    """defaults, defaults with weight EMA, the LR grid (plain 10 epochs), random init (those of ``kinds``);
+    ``quick`` forces ``--epochs 1`` onto every one and leaves EMA out (one epoch says nothing about it)."""
     epochs = "1" if quick else str(GRID_EPOCHS)
     one = ("--epochs", "1") if quick else ()
     grid = [Point(f"grid lr={lr}", ("--lr", lr, "--epochs", epochs, "--freeze-epochs", "0")) for lr in GRID_LRS]
     ema = [] if quick else [Point(quality_report.DEFAULTS_EMA, ("--ema", "true"))]
-    random_init = Point(quality_report.RANDOM_INIT, ("--weights", "none", *one))
-    return [Point(quality_report.DEFAULTS, one), *ema, *grid, random_init]
+    random_init = [Point(quality_report.RANDOM_INIT, ("--weights", "none", *one))]
+    by_kind = {"defaults": [Point(quality_report.DEFAULTS, one)], "ema": ema, "grid": grid, "random": random_init}
+    return [point for kind in POINT_KINDS if kind in kinds for point in by_kind[kind]]
 
 
 def finetune_command() -> list[str]:
@@ -70,25 +75,28 @@ def finetune_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "finetune.cli"]
 
 
-def command_for(data: quality_data.DataSet, point: Point, work: Path) -> list[str]:
+def command_for(data: quality_data.DataSet, point: Point, work: Path, seed: int = 0) -> list[str]:
+    """``finetune`` for one point; a training seed other than 0 (finetune's default) is passed and named."""
     name = f"{data.name}-{point.label.replace(' + ', '-').replace(' ', '-').replace('=', '')}"
+    seeded = ("--seed", str(seed)) if seed else ()
+    name += f"-seed{seed}" if seed else ""
     common = ["--data", str(data.path), "--img-size", str(data.img_size), "--output-dir", str(work / "runs"),
               "--model-store", str(work / "store"), "--run-name", name, "--name", name,
-              "--torchserve", "none"]  # fmt: skip
+              "--torchserve", "none", *seeded]  # fmt: skip
     # the point's own --weights (random init) comes after the backbone's, and argparse keeps the last
     return [*finetune_command(), *BACKBONE, *common, *point.args]
 
 
-def run_point(data: quality_data.DataSet, point: Point, work: Path) -> dict[str, Any]:
+def run_point(data: quality_data.DataSet, point: Point, work: Path, seed: int = 0) -> dict[str, Any]:
     """Run one point as a subprocess and read its results; a failure is recorded, not raised."""
-    cmd = command_for(data, point, work)
+    cmd = command_for(data, point, work, seed)
     run_dir = work / "runs" / cmd[cmd.index("--run-name") + 1]
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun in the same work dir starts afresh
     log = work / "logs" / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     logger.info("%s: %s", run_dir.name, shlex.join(cmd))
-    result: dict[str, Any] = {"point": point.label, "args": list(point.args), "run_dir": str(run_dir),
+    result: dict[str, Any] = {"point": point.label, "args": list(point.args), "seed": seed, "run_dir": str(run_dir),
                               "log": str(log), "error": None}  # fmt: skip
     start = time.perf_counter()
     try:
@@ -156,24 +164,76 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_benchmark(names: Sequence[str], work: Path, *, quick: bool, seed: int, command: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation runs: which sets, which points, at which training seeds."""
+
+    sets: Sequence[str]
+    quick: bool = False
+    seed: int = 0  # the data sets' splits and re-crops
+    train_seeds: Sequence[int] = (0,)
+    kinds: Sequence[str] = POINT_KINDS
+
+
+def run_benchmark(plan: Plan, work: Path, *, command: str) -> dict[str, Any]:
     started = time.monotonic()
     results: dict[str, Any] = {
         "command": command, "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine.machine(),
-        "host": host_section(), "versions": versions(), "options": {"quick": quick, "sets": list(names), "seed": seed,
-        "work_dir": str(work)}, "sets": [],
+        "host": host_section(), "versions": versions(), "options": {"quick": plan.quick, "sets": list(plan.sets),
+        "seed": plan.seed, "train_seeds": list(plan.train_seeds), "points": list(plan.kinds), "work_dir": str(work)},
+        "sets": [],
     }  # fmt: skip
-    built, results["skipped"] = build_sets(names, work, quick=quick, seed=seed)
+    built, results["skipped"] = build_sets(plan.sets, work, quick=plan.quick, seed=plan.seed)
     for data in built:
         logger.info("%s: %s", data.name, data.summary())
-        runs = [run_point(data, point, work) for point in points(quick=quick)]
+        runs = [run_point(data, point, work, train_seed) for train_seed in plan.train_seeds
+                for point in points(quick=plan.quick, kinds=plan.kinds)]  # fmt: skip
         results["sets"].append({"data": data.summary(), "runs": runs})
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["seconds"] = time.monotonic() - started
-    results["goals"] = [asdict(g) | {"gap_points": g.gap_points, "verdict": g.verdict}
-                        for g in quality_report.goals(results)]  # fmt: skip
+    results["goals"] = goal_rows(results)
     return results
+
+
+def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [asdict(g) | {"gap_points": g.gap_points, "verdict": g.verdict} for g in quality_report.goals(results)]
+
+
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (bench/quality.json) with ``new``'s runs added: runs of the same point and training seed
+    replaced, others added, new sets appended; the goals recomputed. A set must have been built the same
+    (classes, split counts, distinct sources, size), and quick results never mix with full ones."""
+    if bool(saved.get("options", {}).get("quick")) != bool(new.get("options", {}).get("quick")):
+        raise ValueError("one of the two results is --quick and the other is not")
+    merged = copy.deepcopy(saved)
+    entries = {entry["data"]["name"]: entry for entry in merged.setdefault("sets", [])}
+    added = []
+    for entry in new.get("sets", []):
+        name, old = entry["data"]["name"], entries.get(entry["data"]["name"])
+        if old is None:
+            merged["sets"].append(entry)
+        elif _built(old["data"]) != _built(entry["data"]):
+            raise ValueError(f"{name} was built differently ({_built(entry['data'])} vs the saved "
+                             f"{_built(old['data'])}): use the same --seed and sources")  # fmt: skip
+        else:
+            keys = {_run_key(run) for run in entry["runs"]}
+            old["runs"] = [run for run in old["runs"] if _run_key(run) not in keys] + entry["runs"]
+        added.append(f"{name} ({len(entry['runs'])} runs)")
+    merged.setdefault("added", []).append(
+        {key: new.get(key) for key in ("command", "started", "finished", "seconds")}
+        | {"cpu": new.get("host", {}).get("cpu"), "runs": added}
+    )
+    merged["goals"] = goal_rows(merged)
+    return merged
+
+
+def _built(data: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(json.dumps(data.get(key), sort_keys=True) for key in ("classes", "counts", "photos", "img_size"))
+
+
+def _run_key(run: dict[str, Any]) -> tuple[str, int]:
+    return run["point"], int(run.get("seed") or 0)
 
 
 def write_report(results: dict[str, Any], md: Path) -> None:
@@ -199,18 +259,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-md", type=Path, default=REPO / "BENCHMARKS.md", help="where --report writes")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the section from saved results")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data sets' splits and re-crops")
+    parser.add_argument("--train-seeds", default="0",
+                        help="comma list of finetune --seed values; each point runs once per seed and the goals "
+                             "use the means")  # fmt: skip
+    parser.add_argument("--points", default=",".join(POINT_KINDS), help="comma list of the points to run: "
+                        "defaults, ema (defaults + EMA), grid (the LR grid), random (random init)")  # fmt: skip
+    parser.add_argument("--merge", type=Path, metavar="JSON",
+                        help="add this run's results to saved ones (same point and seed: replaced) and write them "
+                             "there, or to --out")  # fmt: skip
     parser.add_argument("--note", default="", help="a line for the report, e.g. what else ran meanwhile")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
-def set_names(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+def plan_of(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
+    """The sets, points and training seeds the arguments ask for; ValueError names what is wrong."""
     given = any(a == "--sets" or a.startswith("--sets=") for a in argv)
-    names = list(QUICK_SETS) if args.quick and not given else [n.strip() for n in args.sets.split(",") if n.strip()]
+    names = list(QUICK_SETS) if args.quick and not given else _listed(args.sets)
     unknown = [n for n in names if n not in quality_data.SETS]
     if unknown or not names:
         raise ValueError(f"unknown or no sets {unknown}; choose from {', '.join(quality_data.SETS)}")
-    return names
+    kinds = _listed(args.points)
+    if not kinds or set(kinds) - set(POINT_KINDS):
+        raise ValueError(f"--points {args.points!r}: choose from {', '.join(POINT_KINDS)}")
+    try:
+        train_seeds = [int(seed) for seed in _listed(args.train_seeds)]
+    except ValueError:
+        raise ValueError(f"--train-seeds {args.train_seeds!r}: a comma list of integers") from None
+    if not train_seeds or len(set(train_seeds)) != len(train_seeds):
+        raise ValueError(f"--train-seeds {args.train_seeds!r}: at least one, each once")
+    return Plan(names, quick=args.quick, seed=args.seed, train_seeds=train_seeds, kinds=kinds)
+
+
+def _listed(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -220,17 +302,27 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         write_report(json.loads(args.render.read_text(encoding="utf-8")), args.output_md)
         return 0
     try:
-        names = set_names(args, argv)
-    except ValueError as exc:
+        plan = plan_of(args, argv)
+        saved = None if args.merge is None else json.loads(args.merge.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
         print(f"python -m bench.quality: {exc}", file=sys.stderr)
         return 2
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="quality-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "bench.quality", *argv])
-    results = run_benchmark(names, work.resolve(), quick=args.quick, seed=args.seed, command=command)
+    results = run_benchmark(plan, work.resolve(), command=command)
     if args.note:
         results["note"] = args.note
-    out = args.out or (work / "quality.json" if args.quick else REPO / "bench" / "quality.json")
+    if saved is not None:
+        try:
+            results = merge(saved, results)
+        except ValueError as exc:
+            kept = work / "quality-unmerged.json"
+            kept.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+            print(f"python -m bench.quality: cannot merge into {args.merge}: {exc}; this run's results are in {kept}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    out = args.out or args.merge or (work / "quality.json" if args.quick else REPO / "bench" / "quality.json")
     out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     logger.info("wrote %s", out)
     if args.report:

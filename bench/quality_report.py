@@ -34,6 +34,7 @@ class Goal:
     val_pick_accuracy: float | None
     time_ratio: float | None
     ema_accuracy: float | None = None  # the defaults with --ema true: does weight EMA help?
+    seeds: int = 1  # training seeds each figure is the mean of (the defaults' successful runs)
 
     @property
     def gap_points(self) -> float | None:
@@ -64,13 +65,31 @@ def _ok(run: dict[str, Any] | None) -> bool:
     return run is not None and not run.get("error") and run.get("test_accuracy") is not None
 
 
+def by_point(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One run per point: with several training seeds (``--train-seeds``), the mean test and val accuracy
+    and wall time of its successful runs; a point none of whose runs succeeded is its first run."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(run["point"], []).append(run)
+    merged = {}
+    for point, group in grouped.items():
+        ok = [run for run in group if _ok(run)]
+        if len(ok) < 2:
+            merged[point] = (ok or group)[0] | {"seeds": len(ok)}
+            continue
+        mean = {key: sum(float(run.get(key) or 0.0) for run in ok) / len(ok)
+                for key in ("test_accuracy", "val_accuracy", "wall_s")}  # fmt: skip
+        merged[point] = ok[0] | mean | {"seeds": len(ok)}
+    return merged
+
+
 def judge(data_set: str, runs: Sequence[dict[str, Any]]) -> Goal:
-    """The goal for one set from its runs (failed runs are left out of the grid)."""
-    by_point = {run["point"]: run for run in runs}
-    grid = [run for run in runs if run["point"].startswith(GRID_PREFIX) and _ok(run)]
+    """The goal for one set from its runs (failed runs are left out; several seeds: their means)."""
+    points = by_point(runs)
+    grid = [run for point, run in points.items() if point.startswith(GRID_PREFIX) and _ok(run)]
     best = max(grid, key=lambda run: float(run["test_accuracy"]), default=None)  # first of equals: lower LR
     picked = max(grid, key=lambda run: float(run.get("val_accuracy") or 0.0), default=None)
-    defaults, reference, ema = by_point.get(DEFAULTS), by_point.get(TIME_REFERENCE), by_point.get(DEFAULTS_EMA)
+    defaults, reference, ema = points.get(DEFAULTS), points.get(TIME_REFERENCE), points.get(DEFAULTS_EMA)
     ratio = None
     if _ok(defaults) and _ok(reference) and reference is not None and defaults is not None and reference["wall_s"]:
         ratio = float(defaults["wall_s"]) / float(reference["wall_s"])
@@ -83,6 +102,7 @@ def judge(data_set: str, runs: Sequence[dict[str, Any]]) -> Goal:
         val_pick_accuracy=None if picked is None else float(picked["test_accuracy"]),
         time_ratio=ratio,
         ema_accuracy=float(ema["test_accuracy"]) if ema is not None and _ok(ema) else None,
+        seeds=int(defaults["seeds"]) if defaults is not None else 0,
     )
 
 
@@ -118,8 +138,14 @@ def _header(results: dict[str, Any]) -> str:
         "each set's own test split; best val accuracy from `metrics.json`; lr, epochs and freeze epochs as given or "
         "as `auto_choices.json` says the defaults chose (`+ head fit`: the head was first fitted on cached backbone "
         "features).",
+        "With several training seeds (`--train-seeds`, finetune's `--seed`: head init, order, augmentation; the "
+        "data set stays the same) each point's accuracy and time in the goals are the means of its seeds' runs, "
+        "and the grid's best is the best mean.",
         "`finetune --demo` accuracy is checked separately (this bench does not run the demo).",
     ]  # fmt: skip
+    lines += [f"Added by `{added.get('command', '')}`, run {added.get('started', '?')} to {added.get('finished', '?')} "
+              f"({fmt(added.get('seconds'), 0)} s) on {added.get('cpu', '?')}: {', '.join(added.get('runs', []))}."
+              for added in results.get("added", [])]  # fmt: skip
     if results.get("options", {}).get("quick"):
         lines.append("**`--quick`: cut-down sets, every run forced to `--epochs 1`: these figures only smoke the "
                      "mechanics and mean nothing.**")  # fmt: skip
@@ -156,8 +182,8 @@ def _goals(results: dict[str, Any]) -> str:
         pick = f"{goal.val_pick_point or '–'} ({_pct(goal.val_pick_accuracy)})"
         ratio = "–" if goal.time_ratio is None else f"{goal.time_ratio:.2f}×"
         verdict = f"**{goal.verdict}**" + (" (quick: means nothing)" if quick else "")
-        rows.append([goal.data_set, _pct(goal.defaults_accuracy), best, _signed(goal.gap_points), pick, ratio,
-                     verdict, _pct(goal.ema_accuracy)])  # fmt: skip
+        rows.append([goal.data_set, str(goal.seeds), _pct(goal.defaults_accuracy), best, _signed(goal.gap_points),
+                     pick, ratio, verdict, _pct(goal.ema_accuracy)])  # fmt: skip
     judged = [g for g in goals(results) if g.verdict != "–"]
     met = sum(g.verdict == "met" for g in judged)
     ema = [100.0 * (g.ema_accuracy - g.defaults_accuracy) for g in judged if g.ema_accuracy is not None
@@ -166,7 +192,7 @@ def _goals(results: dict[str, Any]) -> str:
         f"### Goals: defaults within {MAX_GAP_POINTS:g} points of the grid's best test accuracy, at most "
         f"{MAX_TIME_RATIO:g}× the time of the plain 10-epoch run ({TIME_REFERENCE}), on every set\n\n"
     )
-    header = ["Set", "Defaults test acc %", "Grid best test acc % (point)", "Defaults − grid best, points",
+    header = ["Set", "Seeds", "Defaults test acc %", "Grid best test acc % (point)", "Defaults − grid best, points",
               "Grid point picked by best val acc (its test acc %)", "Time defaults / lr=1e-3 10 epochs",
               "Verdict", "Defaults + EMA test acc %"]  # fmt: skip
     text = head + table(header, rows) + f"\nMet on {met} of {len(judged)} judged sets.\n"
@@ -191,13 +217,17 @@ def _set_section(entry: dict[str, Any]) -> str:
 
 def _run_row(run: dict[str, Any]) -> list[str]:
     if run.get("error"):
-        return [run["point"], f"failed: {str(run['error']).splitlines()[0][:120]}", "", "", fmt(run.get("wall_s"), 0),
+        return [_label(run), f"failed: {str(run['error']).splitlines()[0][:120]}", "", "", fmt(run.get("wall_s"), 0),
                 "", "", ""]  # fmt: skip
     chosen = run.get("chosen", {})
     freeze = _shown(chosen.get("freeze_epochs")) + (" + head fit" if run.get("auto", {}).get("probe") else "")
-    return [run["point"], _pct(run.get("test_accuracy")), fmt(run.get("test_macro_f1"), 3),
+    return [_label(run), _pct(run.get("test_accuracy")), fmt(run.get("test_macro_f1"), 3),
             _pct(run.get("val_accuracy")), fmt(run.get("wall_s"), 0), _shown(chosen.get("lr")),
             _shown(chosen.get("epochs")), freeze]  # fmt: skip
+
+
+def _label(run: dict[str, Any]) -> str:
+    return str(run["point"]) + (f" (seed {run['seed']})" if run.get("seed") else "")
 
 
 def _shown(value: object) -> str:
@@ -211,4 +241,4 @@ def _reasons(run: dict[str, Any]) -> str:
     reason = run.get("auto", {}).get("reason")
     if isinstance(reason, dict):
         reason = "; ".join(f"{k}: {v}" for k, v in reason.items() if not str(v).endswith("given"))
-    return f"- {run['point']} chose: {reason}" if reason else ""
+    return f"- {_label(run)} chose: {reason}" if reason else ""

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bench import quality_data as qd
-from bench.quality import points, read_run
+from bench.quality import command_for, get_args_parser, merge, plan_of, points, read_run
 from bench.quality_report import HEADING, judge, render_section
 
 
@@ -147,7 +147,7 @@ def test_the_report_shows_sets_goals_and_the_quick_warning() -> None:
                "counts": {"train": 2, "val": 2, "test": 4}, "img_size": 64}, "runs": runs}]}  # fmt: skip
     text = render_section(results)
     assert text.startswith(HEADING + "\n") and "mean nothing" in text and "`finetune --demo`" in text
-    assert "| digits-10 | 95.0 | 90.0 (grid lr=1e-3) | +5.00 | grid lr=1e-3 (90.0) | 1.00× | **met** (quick" in text
+    assert "| digits-10 | 1 | 95.0 | 90.0 (grid lr=1e-3) | +5.00 | grid lr=1e-3 (90.0) | 1.00× | **met** (quick" in text
     assert "| **met** (quick: means nothing) | – |" in text and "Weight EMA" not in text
     with_ema = {"sets": [{**results["sets"][0], "runs": [*runs, _run("defaults + EMA", 0.97)]}]}
     ema_text = render_section(with_ema)
@@ -175,3 +175,66 @@ def test_quick_forces_one_epoch_onto_every_point_and_runs_are_read_from_their_fi
     assert read["auto"] == {"lr": 0.002, "reason": {"lr": "why"}} and read["epochs_run"] == 2
     assert read["chosen"] == {"lr": 0.002, "epochs": None, "freeze_epochs": None}
     assert read_run(tmp_path, full[2].args)["chosen"] == {"lr": 3e-4, "epochs": 10, "freeze_epochs": 0}
+
+
+def test_several_seeds_are_judged_on_their_means_and_a_failed_seed_is_left_out() -> None:
+    runs = [_run("defaults", 0.70, wall=180.0), _run("grid lr=1e-3", 0.74), _run("grid lr=1e-2", 0.72),
+            _run("defaults", 0.74, wall=200.0) | {"seed": 1}, _run("grid lr=1e-3", 0.68) | {"seed": 1},
+            _run("grid lr=1e-2", 0.74) | {"seed": 1}, _run("defaults", None, error="boom") | {"seed": 2}]  # fmt: skip
+    goal = judge("s", runs)
+    assert goal.seeds == 2 and goal.defaults_accuracy == pytest.approx(0.72)
+    assert goal.grid_best_point == "grid lr=1e-2" and goal.grid_best_accuracy == pytest.approx(0.73)
+    assert goal.gap_points == pytest.approx(-1.0) and goal.time_ratio == pytest.approx(1.9)
+    results = {"sets": [{"data": {"name": "tux-10", "classes": ["a"], "counts": {}, "img_size": 96}, "runs": runs}]}
+    text = render_section(results)
+    assert "| tux-10 | 2 | 72.0 | 73.0 (grid lr=1e-2) | -1.00 |" in text
+    assert "| defaults (seed 1) | 74.0 |" in text and "| defaults (seed 2) | failed: boom |" in text
+
+
+def test_points_runs_only_the_kinds_asked_and_a_seed_is_passed_and_named(tmp_path: Path) -> None:
+    chosen = points(quick=False, kinds=("defaults", "grid"))
+    assert [p.label for p in chosen] == ["defaults", "grid lr=3e-4", "grid lr=1e-3", "grid lr=3e-3", "grid lr=1e-2"]
+    data = qd.DataSet(name="tux-10", path=tmp_path, img_size=96, classes=("a", "b"), counts={}, photos={}, sources={})
+    seeded = command_for(data, chosen[1], tmp_path, seed=2)
+    assert seeded[seeded.index("--seed") + 1] == "2"
+    assert seeded[seeded.index("--run-name") + 1] == "tux-10-grid-lr3e-4-seed2"
+    assert "--seed" not in command_for(data, chosen[1], tmp_path)  # seed 0 is finetune's default: the same command
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sets", "nope"], "unknown or no sets ['nope']"),
+    (["--points", "defaults,best"], "--points 'defaults,best': choose from defaults, ema, grid, random"),
+    (["--train-seeds", "1,x"], "--train-seeds '1,x': a comma list of integers"),
+    (["--train-seeds", "1,1"], "--train-seeds '1,1': at least one, each once"),
+])  # fmt: skip
+def test_bad_plans_are_refused_with_what_is_wrong(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        plan_of(get_args_parser().parse_args(argv), argv)
+    plan = plan_of(get_args_parser().parse_args(["--train-seeds", "1, 2", "--points", "grid"]), [])
+    assert plan.train_seeds == [1, 2] and plan.kinds == ["grid"] and len(plan.sets) == 5
+
+
+def test_merge_replaces_the_same_point_and_seed_adds_the_rest_and_refuses_other_data() -> None:
+    data = {"name": "tux-10", "classes": ["a", "b"], "counts": {"test": 4}, "photos": {"test": 2}, "img_size": 96}
+    saved = {"command": "first", "sets": [{"data": data | {"path": "/old"}, "runs": [
+        _run("defaults", 0.7), _run("grid lr=1e-3", 0.7), _run("grid lr=1e-2", 0.6) | {"seed": 1}]}]}  # fmt: skip
+    new = {"command": "second", "started": "s", "finished": "f", "seconds": 9.0, "host": {"cpu": "AMD EPYC"},
+           "sets": [{"data": data | {"path": "/new"}, "runs": [_run("grid lr=1e-2", 0.8) | {"seed": 1},
+                                                               _run("defaults", 0.9) | {"seed": 1}]},
+                    {"data": data | {"name": "digits-10"}, "runs": [_run("defaults", 0.5)]}]}  # fmt: skip
+    merged = merge(saved, new)
+    runs = merged["sets"][0]["runs"]
+    assert [(r["point"], r.get("seed", 0), r["test_accuracy"]) for r in runs] == [
+        ("defaults", 0, 0.7), ("grid lr=1e-3", 0, 0.7), ("grid lr=1e-2", 1, 0.8), ("defaults", 1, 0.9)]  # fmt: skip
+    assert [s["data"]["name"] for s in merged["sets"]] == ["tux-10", "digits-10"]
+    assert saved["sets"][0]["runs"][2]["test_accuracy"] == 0.6  # the saved results are not changed in place
+    assert merged["goals"][0]["defaults_accuracy"] == pytest.approx(0.8) and merged["goals"][0]["seeds"] == 2
+    assert merged["added"] == [{"command": "second", "started": "s", "finished": "f", "seconds": 9.0, "cpu": "AMD EPYC",
+                                "runs": ["tux-10 (2 runs)", "digits-10 (1 runs)"]}]  # fmt: skip
+    added = "Added by `second`, run s to f (9 s) on AMD EPYC: tux-10 (2 runs), digits-10 (1 runs)."
+    assert added in render_section(merged)
+    other = {**new, "sets": [{"data": data | {"img_size": 64}, "runs": []}]}
+    with pytest.raises(ValueError, match="tux-10 was built differently"):
+        merge(saved, other)
+    with pytest.raises(ValueError, match="--quick"):
+        merge(saved, new | {"options": {"quick": True}})
