@@ -87,7 +87,7 @@ USER 10001:10001
 EXPOSE 8000 8001 8002
 # The same check as `serve` (below); loading an ONNX model on the CPU takes seconds, not CUDA's minutes.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, ssl, urllib.request as r; tls = os.environ.get('SERVE_TLS_CERT'); r.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ['SERVE_HTTP_PORT'] + '/v2/health/ready', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
+    CMD ["python", "-m", "service.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["serve"]
 
@@ -184,11 +184,11 @@ WORKDIR /home/app
 USER 10001:10001
 # HTTP (KServe v2, TorchServe API), gRPC (both protocols), Prometheus /metrics
 EXPOSE 8000 8001 8002
-# Ready: every model loaded and warmed up. The start period covers loading and CUDA initialisation.
-# With SERVE_TLS_CERT it asks over HTTPS without verifying: the certificate names the service, not
-# 127.0.0.1. tests/e2e/test_prometheus.py runs this command against a real server.
+# Ready: every model loaded and warmed up (service/healthcheck.py asks /v2/health/ready on 127.0.0.1,
+# over HTTPS when SERVE_TLS_CERT is set). The start period covers loading and CUDA initialisation.
+# tests/e2e/test_prometheus.py runs this command against a real server.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, ssl, urllib.request as r; tls = os.environ.get('SERVE_TLS_CERT'); r.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ['SERVE_HTTP_PORT'] + '/v2/health/ready', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
+    CMD ["python", "-m", "service.healthcheck"]
 # SIGTERM: stop accepting, finish accepted requests (SERVE_DRAIN_TIMEOUT_S, 30 s), exit 0.
 # Give it time: `docker run --stop-timeout 40`, Kubernetes terminationGracePeriodSeconds.
 STOPSIGNAL SIGTERM

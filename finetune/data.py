@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from finetune.config import BALANCE_MODES
 from finetune.labels import binary_classes, check_task, read_labels, resolve_labels
 from finetune.splits import SPLIT_NAMES as SPLIT_NAMES
 from finetune.splits import SPLITS_DIR as SPLITS_DIR
@@ -42,7 +43,6 @@ from service.preprocess import DEFAULT_MAX_PIXELS, decode_image
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-BALANCE_MODES = ("auto", "weights", "sampler", "none")
 IMBALANCE_RATIO = 1.5  # "auto" balancing turns on above this max/min class-count ratio
 
 

@@ -139,15 +139,12 @@ class Admission:
 
 
 class Decoding:
-    """Per model version: the requests and images being decoded now, and the measured decode time per image."""
+    """Per model version: the images being decoded now, and the measured decode time per image. (The
+    requests being decoded are counted once, on the version's entry: ``ModelEntry.decoding``.)"""
 
     def __init__(self) -> None:
-        self._requests: dict[Key, int] = {}
         self._images: dict[Key, int] = {}
         self._timers: dict[Key, Ewma] = {}
-
-    def requests(self, key: Key) -> int:
-        return self._requests.get(key, 0)
 
     def images(self, key: Key) -> int:
         return self._images.get(key, 0)
@@ -158,13 +155,11 @@ class Decoding:
 
     @contextlib.contextmanager
     def hold(self, key: Key, images: int) -> Iterator[None]:
-        """Count a request of ``images`` images as being decoded while the block runs."""
-        self._requests[key] = self.requests(key) + 1
+        """Count ``images`` images as being decoded while the block runs."""
         self._images[key] = self.images(key) + images
         try:
             yield
         finally:
-            self._requests[key] -= 1
             self._images[key] -= images
 
 

@@ -57,7 +57,7 @@ class DataPlane:
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         self._draining = False
         self._leaving = False  # SIGTERM's grace period: not ready, still serving
-        self._decoding = Decoding()  # requests and images being decoded, per model version
+        self._decoding = Decoding()  # images being decoded and decode time, per model version
         self._admission = Admission(
             max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000
         )
@@ -164,7 +164,7 @@ class DataPlane:
         assert entry.batcher is not None
         key, batcher, config = (entry.name, entry.version), entry.batcher, entry.batcher.config
         load = Load(
-            self._decoding.requests(key) + batcher.queue_depth,
+            entry.decoding + batcher.queue_depth,
             self._decoding.images(key),
             batcher.queued_images,
             batcher.computing_images,
@@ -183,7 +183,7 @@ class DataPlane:
         """
         self._check_room(entry, request.deadline)
         images = image_count(request.inputs[0].data if len(request.inputs) == 1 else None)
-        entry.decoding += 1  # unloading the version waits for these (ModelRepository._retire)
+        entry.decoding += 1  # counted ahead of the queue (_check_room); unloading waits for them (_retire)
         try:
             with self._decoding.hold((entry.name, entry.version), images):
                 return await self._to_batch(entry, request)

@@ -50,7 +50,9 @@ class ModelEntry:
     batcher: Batcher | None = None
     choice: str = ""
     signature: Signature = ()  # the folder as it was read (service.versions.folder_signature)
-    decoding: int = 0  # requests holding this entry before they reach its batcher (the data plane counts)
+    # requests holding this entry before they reach its batcher: the data plane counts them, admits new ones
+    # with them counted ahead of the queue, and unloading waits for them
+    decoding: int = 0
 
     def status(self) -> ModelStatus:
         return ModelStatus(self.name, self.version, self.state, self.reason)

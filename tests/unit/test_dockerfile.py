@@ -24,6 +24,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from service.healthcheck import ready_url
 from service.settings import Settings, from_sources
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,7 +262,8 @@ def test_serve_image_settings_are_real_settings(instructions: list[Instruction],
     assert (settings.http_port, settings.grpc_port) == (Settings.http_port, Settings.grpc_port)
     exposed = {int(port) for port in only(instructions, stage, "EXPOSE").args.split()}
     assert exposed == {settings.http_port, settings.grpc_port, settings.metrics_port}
-    assert "/v2/health/ready" in only(instructions, stage, "HEALTHCHECK").args
+    check = json.loads(only(instructions, stage, "HEALTHCHECK").args.partition(" CMD ")[2])
+    assert check == ["python", "-m", "service.healthcheck"] and ready_url(env).endswith("/v2/health/ready")
     assert only(instructions, stage, "STOPSIGNAL").args == "SIGTERM"
 
 

@@ -146,13 +146,13 @@ def test_the_setting_comes_from_the_environment_and_is_checked() -> None:
             from_sources(flags={"max_queue_wait_ms": bad}, environ={})
 
 
-def test_decoding_counts_requests_and_images_per_model_version_while_held() -> None:
+def test_decoding_counts_images_per_model_version_while_held() -> None:
     decoding, key = Decoding(), ("m", "1")
     with decoding.hold(key, 3), decoding.hold(key, 1):
-        assert (decoding.requests(key), decoding.images(key), decoding.requests(("m", "2"))) == (2, 4, 0)
+        assert (decoding.images(key), decoding.images(("m", "2"))) == (4, 0)
     with pytest.raises(RuntimeError), decoding.hold(key, 2):
         raise RuntimeError("a failed decode frees its count too")
-    assert (decoding.requests(key), decoding.images(key)) == (0, 0)
+    assert decoding.images(key) == 0
     assert decoding.timer(key) is decoding.timer(key) and decoding.timer(key).value is None
 
 
