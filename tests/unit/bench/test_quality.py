@@ -151,7 +151,7 @@ def test_the_report_shows_sets_goals_and_the_quick_warning() -> None:
     assert "| **met** (quick: means nothing) | – |" in text and "Weight EMA" not in text
     with_ema = {"sets": [{**results["sets"][0], "runs": [*runs, _run("defaults + EMA", 0.97)]}]}
     ema_text = render_section(with_ema)
-    assert "| 97.0 |" in ema_text and "minus defaults: +2.0 points (mean +2.00)" in ema_text
+    assert "| 97.0 |" in ema_text and "minus defaults at the same seeds: +2.0 points (mean +2.00)" in ema_text
     assert "| defaults | 95.0 | – | 50.0 | 100 | 0.00123 | 9 | 0 + head fit |" in text
     assert "- defaults chose: lr: range test\n" in text and "| random init | failed: x |" in text
     grid = {"chosen": {"lr": 1e-3}, "auto": {"reason": {"lr": "0.001, given"}}}
@@ -183,6 +183,8 @@ def test_several_seeds_are_judged_on_their_means_and_a_failed_seed_is_left_out()
             _run("grid lr=1e-2", 0.74) | {"seed": 1}, _run("defaults", None, error="boom") | {"seed": 2}]  # fmt: skip
     goal = judge("s", runs)
     assert goal.seeds == 2 and goal.defaults_accuracy == pytest.approx(0.72)
+    ema = judge("s", [*runs, _run("defaults + EMA", 0.75)]).ema_gain_points  # seed 0 only: against seed 0's 0.70
+    assert ema == pytest.approx(5.0)
     assert goal.grid_best_point == "grid lr=1e-2" and goal.grid_best_accuracy == pytest.approx(0.73)
     assert goal.gap_points == pytest.approx(-1.0) and goal.time_ratio == pytest.approx(1.9)
     results = {"sets": [{"data": {"name": "tux-10", "classes": ["a"], "counts": {}, "img_size": 96}, "runs": runs}]}
