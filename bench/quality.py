@@ -217,8 +217,8 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} was built differently ({_built(entry['data'])} vs the saved "
                              f"{_built(old['data'])}): use the same --seed and sources")  # fmt: skip
         else:
-            keys = {_run_key(run) for run in entry["runs"]}
-            old["runs"] = [run for run in old["runs"] if _run_key(run) not in keys] + entry["runs"]
+            keys = {quality_report.run_key(run) for run in entry["runs"]}
+            old["runs"] = [run for run in old["runs"] if quality_report.run_key(run) not in keys] + entry["runs"]
         added.append(f"{name} ({len(entry['runs'])} runs)")
     merged.setdefault("added", []).append(
         {key: new.get(key) for key in ("command", "started", "finished", "seconds")}
@@ -230,10 +230,6 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 def _built(data: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(json.dumps(data.get(key), sort_keys=True) for key in ("classes", "counts", "photos", "img_size"))
-
-
-def _run_key(run: dict[str, Any]) -> tuple[str, int]:
-    return run["point"], int(run.get("seed") or 0)
 
 
 def write_report(results: dict[str, Any], md: Path) -> None:

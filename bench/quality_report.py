@@ -108,9 +108,14 @@ def judge(data_set: str, runs: Sequence[dict[str, Any]]) -> Goal:
     )
 
 
+def run_key(run: dict[str, Any]) -> tuple[str, int]:
+    """A run's point and training seed (results from before ``--train-seeds`` are seed 0)."""
+    return str(run["point"]), int(run.get("seed") or 0)
+
+
 def _ema_gain(runs: Sequence[dict[str, Any]]) -> float | None:
     """Mean over the seeds with both a defaults and an EMA run of EMA minus defaults, in points."""
-    seeded = {(run["point"], int(run.get("seed") or 0)): run for run in runs if _ok(run)}
+    seeded = {run_key(run): run for run in runs if _ok(run)}
     both = [seed for point, seed in seeded if point == DEFAULTS and (DEFAULTS_EMA, seed) in seeded]
     gains = [100.0 * (float(seeded[DEFAULTS_EMA, s]["test_accuracy"]) - float(seeded[DEFAULTS, s]["test_accuracy"]))
              for s in both]  # fmt: skip

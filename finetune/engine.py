@@ -246,14 +246,14 @@ class Trainer:
     def _end_epoch(self, epoch: int, stats: EpochStats, val: dict[str, Any]) -> bool:
         """Record, checkpoint, log; returns True when early stopping ends the run."""
         state, score, loss = self.state, self._score(val), float(val["loss"])
-        top = state.top_metric if state.top_metric is not None else state.best_metric  # a run from before top_metric
-        improved = top is None or score > top
-        state.top_metric = score if improved else top
+        previous = state.top_metric if state.top_metric is not None else state.best_metric  # a run from before it
+        improved = previous is None or score > previous
+        state.top_metric = top = score if previous is None else max(score, previous)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
         row = tblog.history_row(epoch, stats, val, lr=float(self.optimizer.param_groups[0]["lr"]))
         state.history.append(row)
         state.epoch, state.global_step = epoch + 1, state.global_step + self.steps_per_epoch
-        if self._selects(score):
+        if self._selects(score, top):
             state.best_metric, state.best_loss, state.best_epoch = score, loss, epoch + 1
             self._save(BEST)
         self._save(LAST)
@@ -263,17 +263,13 @@ class Trainer:
             logger.info("early stopping: no validation improvement for %d epochs", state.bad_epochs)
         return stop
 
-    def _selects(self, score: float) -> bool:
+    def _selects(self, score: float, top: float) -> bool:
         """Is this epoch the one to publish (so far)? The latest epoch whose validation score is within
-        the noise of the highest so far (``auto.selection_margin``: the standard error of that score on
-        the validation split) is: on a small split the highest is mostly luck, and a later epoch, further
+        the noise of the highest so far, ``top`` (``auto.selection_margin``: the standard error of that score
+        on the validation split) is: on a small split the highest is mostly luck, and a later epoch, further
         down the LR schedule, generalises better (the fitted head, "epoch 0", included). With
         ``--early-stop-metric loss`` only a new best is."""
-        top = self.state.top_metric
-        if top is None:
-            return True
-        metric = self.config.early_stop_metric
-        if (self.task.selection_metric if metric == "auto" else metric) == "loss":
+        if self.task.metric(self.config.early_stop_metric) == "loss":
             return score >= top
         return score >= top - auto.selection_margin(top, len(self.splits.val)) - 1e-12
 

@@ -92,9 +92,13 @@ class TrainingTask:
         """``plain_loss`` of a model that knows nothing (uniform answers)."""
         return math.log(2)
 
+    def metric(self, metric: str) -> str:
+        """The validation metric ``--early-stop-metric`` names (auto: the task's own)."""
+        return self.selection_metric if metric == "auto" else metric
+
     def score(self, val: dict[str, Any], metric: str) -> float:
         """Higher is better: the validation ``metric`` (``--early-stop-metric``; auto: the task's own)."""
-        metric = self.selection_metric if metric == "auto" else metric
+        metric = self.metric(metric)
         if metric == "loss":
             return -float(val["loss"])
         return float(val["macro"]["f1"] if metric == "macro_f1" else val["accuracy"])

@@ -58,6 +58,7 @@ trap cleanup EXIT
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 image_mb() { echo $(($(podman image inspect --format '{{.Size}}' "$1") / 1000000)); }
+free_gb_in() { df -P -BG "$1" | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
 
 # ---- 1. podman -------------------------------------------------------------------------------------
 setup_podman() {
@@ -203,7 +204,7 @@ stage "podman kube play of deploy/k8s (probes, Service ports, kube down)"
 
 # ---- 5. the GPU images ------------------------------------------------------------------------------------
 storage=$(podman info --format '{{.Store.GraphRoot}}')
-free_gb=$(df -P -BG "$storage" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+free_gb=$(free_gb_in "$storage")
 if ((free_gb < GPU_NEED_GB)); then
   say "SKIPPED the GPU images (finetune, serve): ${free_gb} GB free in $storage, they need ${GPU_NEED_GB} GB"
   exit 0
@@ -211,7 +212,7 @@ fi
 say "GPU images: ${free_gb} GB free in $storage ($(podman info --format '{{.Store.GraphDriverName}}') driver), they need ${GPU_NEED_GB} GB"
 echo "$free_gb" >"$WORK/min_free"
 (while sleep 1; do # the lowest free space while they build: the build's peak, for NEED_GB in build-images.sh
-  f=$(df -P -BG "$storage" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+  f=$(free_gb_in "$storage")
   if ((f < $(cat "$WORK/min_free"))); then echo "$f" >"$WORK/min_free"; fi
 done) &
 sampler=$!

@@ -11,11 +11,12 @@ import os
 import ssl
 import sys
 import urllib.request
+from collections.abc import Mapping
 
 TIMEOUT_S = 4.0  # under the HEALTHCHECK's --timeout=5s
 
 
-def ready_url(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+def ready_url(environ: Mapping[str, str] = os.environ) -> str:
     scheme = "https" if environ.get("SERVE_TLS_CERT") else "http"
     return f"{scheme}://127.0.0.1:{environ.get('SERVE_HTTP_PORT', '8000')}/v2/health/ready"
 

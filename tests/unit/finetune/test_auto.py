@@ -236,18 +236,17 @@ def test_the_selection_margin_is_the_best_scores_standard_error(score: float, co
 def test_the_latest_epoch_within_the_noise_of_the_best_is_selected() -> None:
     from types import SimpleNamespace
 
-    from finetune.checkpoint import TrainState
     from finetune.engine import Trainer
+    from finetune.tasks import training_task
 
-    task = SimpleNamespace(selection_metric="accuracy")
+    task = training_task("multiclass", ["a", "b"])  # its own metric: accuracy
     val = [None] * 21  # margin at 0.76: 0.093
 
-    def selects(state: TrainState, score: float, metric: str = "auto") -> bool:
-        trainer = SimpleNamespace(state=state, task=task, splits=SimpleNamespace(val=val),
+    def selects(top: float, score: float, metric: str = "auto") -> bool:
+        trainer = SimpleNamespace(task=task, splits=SimpleNamespace(val=val),
                                   config=SimpleNamespace(early_stop_metric=metric))  # fmt: skip
-        return Trainer._selects(trainer, score)
+        return Trainer._selects(trainer, score, top)
 
-    probe = TrainState(best_metric=0.76, best_epoch=0, top_metric=0.76)
-    assert selects(probe, 0.68) and not selects(probe, 0.66)
-    assert selects(probe, 0.76) and not selects(probe, 0.7599, "loss") and selects(probe, 0.76, "loss")
-    assert selects(TrainState(), 0.0)
+    assert selects(0.76, 0.68) and not selects(0.76, 0.66)
+    assert selects(0.76, 0.76) and not selects(0.76, 0.7599, "loss") and selects(0.76, 0.76, "loss")
+    assert selects(0.0, 0.0)  # the first epoch: its own score is the top
